@@ -1,0 +1,266 @@
+"""The PostHog-v6-shaped API: contexts, tags, identity, and the default client."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import inspect
+import threading
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar, cast
+
+from ._client import Client
+from ._scope import (
+    Scope,
+    _fork_active,
+    enter_scope,
+    exit_scope,
+    get_isolation_scope,
+    merged_context,
+)
+from ._transport import DEFAULT_HOST
+
+__all__ = [
+    "capture",
+    "capture_exception",
+    "flush",
+    "get_client",
+    "get_context_distinct_id",
+    "get_context_session_id",
+    "get_tags",
+    "identify_context",
+    "init",
+    "new_context",
+    "scoped",
+    "set",
+    "set_context_session",
+    "set_once",
+    "shutdown",
+    "tag",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_client = Client(disabled=True)
+_client_lock = threading.Lock()
+_atexit_registered = False
+
+
+def get_client() -> Client:
+    """The process-wide default client: disabled until :func:`init` (or the Celery
+    plugin's ``install()`` with an API key) created one."""
+    return _client
+
+
+def init(api_key: str | None = None, host: str | None = None, **client_options: Any) -> Client:
+    """Create the default client, make it the one module-level calls use, and return it.
+
+    A previous default client is flushed and shut down (bounded by its ``timeout``
+    option, default 10 s). The new one is flushed at interpreter exit.
+
+    Args:
+        api_key: project API key; None gives a disabled client unless ``transport`` is set.
+        host: capture host; default ``https://us.i.posthog.com``.
+        **client_options: keyword options of :class:`Client`.
+
+    Raises:
+        ValueError / TypeError: for invalid options, naming the option.
+    """
+    global _client, _atexit_registered
+    client = Client(api_key, host or DEFAULT_HOST, **client_options)
+    with _client_lock:
+        old, _client = _client, client
+        if not _atexit_registered:
+            atexit.register(_shutdown_at_exit)
+            _atexit_registered = True
+    if old is not client and not old.disabled:
+        old.shutdown(timeout=client_options.get("timeout", 10.0))
+    return client
+
+
+def _shutdown_at_exit() -> None:
+    _client.shutdown(timeout=10.0)
+
+
+def capture(
+    event: str,
+    *,
+    distinct_id: str | None = None,
+    properties: Mapping[str, Any] | None = None,
+    timestamp: datetime | str | None = None,
+    uuid: str | None = None,
+) -> str | None:
+    """Capture an event with the default client; see :meth:`Client.capture`.
+
+    Example::
+
+        with new_context():
+            identify_context("user-1")
+            capture("order_processed")     # distinct_id "user-1"
+        capture("order_processed")         # personless: no distinct ID out here
+    """
+    return _client.capture(
+        event, distinct_id=distinct_id, properties=properties, timestamp=timestamp, uuid=uuid
+    )
+
+
+def capture_exception(
+    exc: BaseException | None = None,
+    *,
+    distinct_id: str | None = None,
+    properties: Mapping[str, Any] | None = None,
+) -> str | None:
+    """Capture an exception with the default client; see :meth:`Client.capture_exception`."""
+    return _client.capture_exception(exc, distinct_id=distinct_id, properties=properties)
+
+
+def set(*, distinct_id: str | None = None, properties: Mapping[str, Any]) -> str | None:  # noqa: A001
+    """Set person properties with the default client (``$set``)."""
+    return _client.set(distinct_id=distinct_id, properties=properties)
+
+
+def set_once(*, distinct_id: str | None = None, properties: Mapping[str, Any]) -> str | None:
+    """Set person properties where unset, with the default client (``$set_once``)."""
+    return _client.set_once(distinct_id=distinct_id, properties=properties)
+
+
+def flush(timeout: float | None = 10.0) -> int:
+    """Flush the default client. timeout: seconds (float); None waits forever.
+    Returns the number of events still undelivered."""
+    return _client.flush(timeout)
+
+
+def shutdown(timeout: float | None = 10.0) -> int:
+    """Flush and stop the default client. Returns the number of events still undelivered."""
+    return _client.shutdown(timeout)
+
+
+# -- contexts --------------------------------------------------------------------------
+
+
+class new_context:  # noqa: N801 - PostHog's name; a class so it is also a decorator
+    """Open a context: an isolation scope for a block of work. Context manager and decorator.
+
+    Args:
+        fresh: False (default) inherits distinct ID, session ID and tags of the enclosing
+            context and may override them; True starts empty (global tags still apply).
+        capture_exceptions: capture an exception escaping the block as ``$exception``
+            (once), then re-raise it unchanged.
+
+    On exit the enclosing context is restored exactly as it was.
+
+    Example::
+
+        with new_context():
+            identify_context("user-1")
+            tag("plan", "pro")
+            with new_context():
+                tag("plan", "free")
+                capture("a")              # user-1, plan=free
+            capture("b")                  # user-1, plan=pro
+            with new_context(fresh=True):
+                capture("c")              # personless, no plan
+    """
+
+    __slots__ = ("_tokens", "capture_exceptions", "fresh")
+
+    def __init__(self, fresh: bool = False, capture_exceptions: bool = True) -> None:
+        self.fresh = fresh
+        self.capture_exceptions = capture_exceptions
+        self._tokens: Any = None
+
+    def __enter__(self) -> Scope:
+        if self.fresh:
+            isolation, current = Scope(), Scope()
+        else:
+            isolation, current = _fork_active()
+        self._tokens = enter_scope(isolation, current)
+        return isolation
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc is not None and self.capture_exceptions and isinstance(exc, Exception):
+                _client.capture_exception(exc, mechanism="new_context", handled=False)
+        finally:
+            tokens, self._tokens = self._tokens, None
+            exit_scope(tokens)
+
+    def __call__(self, func: F) -> F:
+        fresh, capture_exceptions = self.fresh, self.capture_exceptions
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with new_context(fresh, capture_exceptions):
+                    return await func(*args, **kwargs)
+
+            return cast(F, async_wrapper)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with new_context(fresh, capture_exceptions):
+                return func(*args, **kwargs)
+
+        return cast(F, wrapper)
+
+
+def scoped(fresh: bool = False, capture_exceptions: bool = True) -> Callable[[F], F]:
+    """Decorator: run each call of a sync or async function in its own :class:`new_context`.
+
+    Example::
+
+        @scoped(fresh=True)
+        async def handle(request):
+            identify_context(request.headers["X-POSTHOG-DISTINCT-ID"])
+            capture("request_handled")
+    """
+    return new_context(fresh, capture_exceptions)
+
+
+def tag(key: str, value: Any) -> None:
+    """Set a tag on the isolation scope of this context (created lazily outside one).
+
+    Tags become properties of every event captured in the context and travel with the
+    tasks it publishes (see ``task_scopes.celery``).
+    """
+    get_isolation_scope().set_tag(key, value)
+
+
+def identify_context(distinct_id: str) -> None:
+    """Attribute everything captured in this context to ``distinct_id``."""
+    get_isolation_scope().set_distinct_id(distinct_id)
+
+
+def set_context_session(session_id: str) -> None:
+    """Set the session ID (``$session_id``) of this context."""
+    get_isolation_scope().set_session_id(session_id)
+
+
+def get_tags() -> dict[str, Any]:
+    """The merged tags seen here (global, then isolation, then current scope), a new dict."""
+    return merged_context()[2]
+
+
+def get_context_distinct_id() -> str | None:
+    """The distinct ID seen here (current -> isolation -> global), or None."""
+    return merged_context()[0]
+
+
+def get_context_session_id() -> str | None:
+    """The session ID seen here (current -> isolation -> global), or None."""
+    return merged_context()[1]
+
+
+def _set_client(client: Client) -> Client:
+    """Make ``client`` the default without shutting down the previous one; return it."""
+    global _client
+    with _client_lock:
+        previous, _client = _client, client
+    return previous

@@ -1,0 +1,353 @@
+"""Client: builds events, queues them, and hands them to a consumer thread."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import Any, NamedTuple
+from uuid import uuid4
+
+from ._consumer import Consumer
+from ._exceptions import exception_list, mark_captured
+from ._internal import RateLimitedLog, guard, logger, set_reraise
+from ._scope import merged_context
+from ._transport import DEFAULT_HOST, HttpTransport, Transport
+from ._version import __version__
+
+__all__ = ["Client", "ClientStats", "Event"]
+
+Event = dict[str, Any]
+BeforeSend = Callable[[Event], "Event | None"]
+
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+class ClientStats(NamedTuple):
+    """Counters of one client in this process since it started (or since ``os.fork()``).
+
+    ``captured``: events accepted by ``capture()``; ``queued``: waiting for the consumer;
+    ``in_flight``: in the batch being sent; ``delivered``; ``failed``: given up by the
+    transport; ``dropped``: refused (queue full, too large, unserializable,
+    ``before_send``).
+    """
+
+    captured: int
+    queued: int
+    in_flight: int
+    delivered: int
+    failed: int
+    dropped: int
+
+
+class Client:
+    """Sends events in PostHog's capture format, in batches, from a background thread.
+
+    ``capture()`` never blocks on the network and never raises: it builds the event from
+    the active scopes, appends it to a bounded in-memory queue and returns its UUID.
+
+    Args:
+        api_key: project API key; None (and no ``transport``) makes a disabled client.
+        host: capture host, e.g. ``https://eu.i.posthog.com``.
+        flush_at: events per batch (int >= 1); a full batch is sent at once.
+        flush_interval: seconds (float) a partial batch may wait.
+        max_queue_size: events held in memory; a capture beyond it is dropped and counted.
+        timeout: seconds (float) per HTTP attempt.
+        max_retries: cap on HTTP attempts per batch; None retries for ``retry_window``.
+        retry_window: seconds (float) a failing batch is retried before it is given up.
+        gzip: gzip request bodies.
+        transport: where batches go; default :class:`HttpTransport` to ``host``.
+        before_send: ``(event) -> event | None``; None drops the event.
+        disabled: accept nothing; ``capture()`` returns None.
+        debug: log at DEBUG and make internal errors raise instead of being swallowed.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        host: str = DEFAULT_HOST,
+        *,
+        flush_at: int = 100,
+        flush_interval: float = 0.5,
+        max_queue_size: int = 10_000,
+        timeout: float = 10.0,
+        max_retries: int | None = None,
+        retry_window: float = 30.0,
+        gzip: bool = True,
+        transport: Transport | None = None,
+        before_send: BeforeSend | None = None,
+        disabled: bool = False,
+        debug: bool = False,
+    ) -> None:
+        if flush_at < 1:
+            raise ValueError("flush_at must be >= 1")
+        if max_queue_size < 1:
+            raise ValueError("max_queue_size must be >= 1")
+        if flush_interval <= 0:
+            raise ValueError("flush_interval must be > 0")
+        self.api_key = api_key
+        self.host = host
+        self.flush_at = flush_at
+        self.flush_interval = flush_interval
+        self.max_queue_size = max_queue_size
+        self.before_send = before_send
+        self.disabled = disabled or (api_key is None and transport is None)
+        if transport is None and not self.disabled:
+            assert api_key is not None
+            transport = HttpTransport(
+                api_key,
+                host,
+                timeout=timeout,
+                gzip=gzip,
+                retry_window=retry_window,
+                max_retries=max_retries,
+            )
+        self.transport = transport
+        if debug:
+            set_reraise(True)
+            logger.setLevel(logging.DEBUG)
+        self._log = RateLimitedLog(60.0)
+        self._reset()
+        _clients.add(self)
+
+    def _reset(self) -> None:
+        """Fresh per-process state: queue, locks, consumer (started lazily), counters."""
+        self._queue: deque[Event] = deque()
+        self._start_lock = threading.Lock()
+        self._consumer: Consumer | None = None
+        self._dropped = 0
+        self._finished: list[Consumer] = []
+
+    def _after_fork_in_child(self) -> None:
+        self._reset()
+        after_fork = getattr(self.transport, "after_fork_in_child", None)
+        if after_fork is not None:
+            after_fork()
+
+    def __repr__(self) -> str:
+        state = "disabled" if self.disabled else self.host
+        return f"<task_scopes.Client {state}>"
+
+    # -- capture -----------------------------------------------------------------
+
+    def capture(
+        self,
+        event: str,
+        *,
+        distinct_id: str | None = None,
+        properties: Mapping[str, Any] | None = None,
+        timestamp: datetime | str | None = None,
+        uuid: str | None = None,
+    ) -> str | None:
+        """Queue one event attributed from the active scopes. Never blocks, never raises.
+
+        Args:
+            event: event name, e.g. ``"order_processed"``.
+            distinct_id: overrides the scopes' distinct ID for this event.
+            properties: event properties; they win over tags of the same name.
+            timestamp: when it happened (aware datetime or ISO 8601); default now, UTC.
+            uuid: event UUID (str); default a new UUID4. The collector dedupes on it.
+
+        Returns:
+            The event UUID, or None when the client is disabled or dropped the event (the
+            reason is logged).
+        """
+        if self.disabled:
+            self._log.log(logging.DEBUG, "task_scopes: client disabled; event not sent")
+            return None
+        with guard("capture"):
+            ctx_distinct_id, session_id, props = merged_context()
+            if properties:
+                props.update(properties)
+            if session_id is not None and "$session_id" not in props:
+                props["$session_id"] = session_id
+            if distinct_id is None:
+                distinct_id = ctx_distinct_id
+            if distinct_id is None:
+                distinct_id = str(uuid4())
+                props.setdefault("$process_person_profile", False)
+            props["$lib"] = "task_scopes"
+            props["$lib_version"] = __version__
+            if timestamp is None:
+                ts = datetime.now(timezone.utc).isoformat()
+            elif isinstance(timestamp, datetime):
+                ts = timestamp.isoformat()
+            else:
+                ts = str(timestamp)
+            uid = uuid if uuid is not None else str(uuid4())
+            message: Event = {
+                "event": event,
+                "distinct_id": str(distinct_id),
+                "properties": props,
+                "timestamp": ts,
+                "uuid": uid,
+            }
+            if self.before_send is not None:
+                kept = self.before_send(message)
+                if kept is None:
+                    self._count_drop()
+                    logger.debug("task_scopes: before_send dropped event %r", event)
+                    return None
+                message = kept
+            return uid if self._enqueue(message) else None
+        return None
+
+    def capture_exception(
+        self,
+        exc: BaseException | None = None,
+        *,
+        distinct_id: str | None = None,
+        properties: Mapping[str, Any] | None = None,
+        mechanism: str = "generic",
+        handled: bool = True,
+    ) -> str | None:
+        """Capture ``exc`` (default: the one being handled) as an ``$exception`` event.
+
+        The same exception object is sent once however often it is captured.
+
+        Args:
+            exc: the exception; None takes ``sys.exc_info()``.
+            mechanism: what caught it (``"celery"``, ``"new_context"``...).
+            handled: False when it escaped the user's code.
+
+        Returns:
+            The event UUID; None when there is no exception, it was captured before, or
+            the client is disabled or dropped the event.
+        """
+        if exc is None:
+            exc = sys.exc_info()[1]
+        if exc is None or self.disabled:
+            return None
+        with guard("capture_exception"):
+            if not mark_captured(exc):
+                return None
+            props: dict[str, Any] = {
+                "$exception_list": exception_list(exc, mechanism=mechanism, handled=handled),
+                "$exception_type": type(exc).__name__,
+                "$exception_message": str(exc)[:2_000],
+            }
+            if properties:
+                props.update(properties)
+            return self.capture("$exception", distinct_id=distinct_id, properties=props)
+        return None
+
+    def set(
+        self, *, distinct_id: str | None = None, properties: Mapping[str, Any]
+    ) -> str | None:
+        """Set person properties (``$set``) on the given or the scopes' distinct ID."""
+        return self.capture("$set", distinct_id=distinct_id, properties={"$set": dict(properties)})
+
+    def set_once(
+        self, *, distinct_id: str | None = None, properties: Mapping[str, Any]
+    ) -> str | None:
+        """Set person properties only where unset (``$set_once``)."""
+        return self.capture(
+            "$set", distinct_id=distinct_id, properties={"$set_once": dict(properties)}
+        )
+
+    def _count_drop(self) -> None:
+        with self._start_lock:
+            self._dropped += 1
+
+    def _enqueue(self, message: Event) -> bool:
+        queue = self._queue
+        if len(queue) >= self.max_queue_size:
+            self._count_drop()
+            self._log.warning(
+                "task_scopes: queue full (%d events); dropping new events", self.max_queue_size
+            )
+            return False
+        queue.append(message)
+        consumer = self._consumer
+        if consumer is None:
+            consumer = self._start()
+        if len(queue) >= self.flush_at:
+            consumer.wake()
+        return True
+
+    def _start(self) -> Consumer:
+        with self._start_lock:
+            if self._consumer is None:
+                assert self.transport is not None
+                consumer = Consumer(
+                    self._queue,
+                    self.transport,
+                    flush_at=self.flush_at,
+                    flush_interval=self.flush_interval,
+                )
+                consumer.start()
+                self._consumer = consumer
+            return self._consumer
+
+    # -- flush / shutdown ----------------------------------------------------------
+
+    def flush(self, timeout: float | None = 10.0) -> int:
+        """Send everything queued now, whatever ``flush_interval`` says.
+
+        Args:
+            timeout: seconds (float) to wait; None waits forever.
+
+        Returns:
+            The number of events still undelivered (queued or in flight) when it returned.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return len(self._queue)
+        return consumer.wait_idle(timeout)
+
+    def shutdown(self, timeout: float | None = 10.0) -> int:
+        """Flush, then stop the consumer thread. A later ``capture()`` starts a new one.
+
+        Args:
+            timeout: seconds (float) for flush and stop together; None waits forever.
+
+        Returns:
+            The number of events still undelivered.
+        """
+        with self._start_lock:
+            consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return len(self._queue)
+        self._finished.append(consumer)
+        undelivered = consumer.wait_idle(timeout)
+        consumer.stop()
+        if undelivered == 0:
+            consumer.join(timeout)
+        return undelivered
+
+    def stats(self) -> ClientStats:
+        """A snapshot of this client's counters in this process."""
+        consumers = [*self._finished]
+        if self._consumer is not None:
+            consumers.append(self._consumer)
+        taken = in_flight = delivered = failed = dropped = 0
+        for consumer in consumers:
+            with consumer.cv:
+                taken += consumer.taken
+                in_flight += consumer.in_flight
+                delivered += consumer.delivered
+                failed += consumer.failed
+                dropped += consumer.dropped
+        queued = len(self._queue)
+        return ClientStats(
+            captured=taken + queued,
+            queued=queued,
+            in_flight=in_flight,
+            delivered=delivered,
+            failed=failed,
+            dropped=dropped + self._dropped,
+        )
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

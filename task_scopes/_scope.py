@@ -1,0 +1,285 @@
+"""Scopes: global, isolation and current, in the shape of sentry-python 2.x.
+
+* The **global scope** is one object per process (release, service name).
+* The **isolation scope** follows one unit of work: a web request, one task execution.
+* The **current scope** wraps a smaller block inside it.
+
+Reading a value walks current -> isolation -> global; the nearest scope that has it wins.
+Tags merge global, then isolation, then current (later wins). Isolation and current scopes
+live in :class:`contextvars.ContextVar`\\ s, so threads and asyncio tasks are isolated.
+
+Unlike sentry-python, a scope remembers which thread or asyncio task installed it. When
+another thread or task writes through the top-level API (a thread pool run with a copied
+context, tasks made by ``asyncio.gather``) the scope is forked first, so siblings never see
+each other's writes (copy-on-write). Every enter and exit is a ContextVar set/reset: O(1) in
+the depth of nesting, no parent chain.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from typing import Any, NamedTuple
+
+__all__ = [
+    "Scope",
+    "enter_scope",
+    "exit_scope",
+    "get_current_scope",
+    "get_global_scope",
+    "get_isolation_scope",
+    "isolation_scope",
+    "merged_context",
+    "new_scope",
+    "use_isolation_scope",
+]
+
+
+def _owner() -> object:
+    """Identity of the running asyncio task, else of the running thread."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running event loop in this thread
+            task = None
+        if task is not None:
+            return task
+    return threading.get_ident()
+
+
+class Scope:
+    """Distinct ID, session ID and tags of one scope.
+
+    A scope is a plain mutable holder; which scope a call reads or writes is decided by the
+    module-level functions. ``fork()`` copies it (tags are copied, values are shared).
+
+    Example::
+
+        scope = Scope(distinct_id="user-1", tags={"plan": "pro"})
+        child = scope.fork()
+        child.set_tag("plan", "free")
+        assert scope.tags["plan"] == "pro"
+    """
+
+    __slots__ = ("_distinct_id", "_owner", "_session_id", "_tags")
+
+    def __init__(
+        self,
+        *,
+        distinct_id: str | None = None,
+        session_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._distinct_id = distinct_id
+        self._session_id = session_id
+        self._tags: dict[str, Any] = dict(tags) if tags else {}
+        self._owner: object = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Scope(distinct_id={self._distinct_id!r}, session_id={self._session_id!r}, "
+            f"tags={self._tags!r})"
+        )
+
+    def fork(self) -> Scope:
+        """Return a copy that can be changed without touching this scope."""
+        child = Scope.__new__(Scope)
+        child._distinct_id = self._distinct_id
+        child._session_id = self._session_id
+        child._tags = self._tags.copy()
+        child._owner = None
+        return child
+
+    @property
+    def distinct_id(self) -> str | None:
+        """Distinct ID set on this scope itself (not inherited), or None."""
+        return self._distinct_id
+
+    @property
+    def session_id(self) -> str | None:
+        """Session ID set on this scope itself (not inherited), or None."""
+        return self._session_id
+
+    @property
+    def tags(self) -> Mapping[str, Any]:
+        """Tags set on this scope itself, as a read-only copy."""
+        return dict(self._tags)
+
+    def set_distinct_id(self, distinct_id: str | None) -> None:
+        """Set (or with None, unset) the distinct ID of this scope."""
+        self._distinct_id = distinct_id
+
+    def set_session_id(self, session_id: str | None) -> None:
+        """Set (or with None, unset) the session ID of this scope."""
+        self._session_id = session_id
+
+    def set_tag(self, key: str, value: Any) -> None:
+        """Set one tag; ``key`` is a property name, ``value`` anything JSON can carry."""
+        self._tags[key] = value
+
+    def remove_tag(self, key: str) -> None:
+        """Remove one tag of this scope; a missing key is ignored."""
+        self._tags.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget distinct ID, session ID and tags."""
+        self._distinct_id = None
+        self._session_id = None
+        self._tags = {}
+
+
+_global_scope = Scope()
+_isolation_var: ContextVar[Scope | None] = ContextVar("task_scopes_isolation", default=None)
+_current_var: ContextVar[Scope | None] = ContextVar("task_scopes_current", default=None)
+
+
+def _writable(var: ContextVar[Scope | None]) -> Scope:
+    scope = var.get()
+    me = _owner()
+    if scope is None:
+        scope = Scope()
+    elif scope._owner is me or scope._owner == me:
+        return scope
+    else:
+        scope = scope.fork()
+    scope._owner = me
+    var.set(scope)
+    return scope
+
+
+def get_global_scope() -> Scope:
+    """The process-wide scope: tags every event of this process carries."""
+    return _global_scope
+
+
+def get_isolation_scope() -> Scope:
+    """The isolation scope of this thread or asyncio task, created on first use.
+
+    Outside any ``isolation_scope()`` / ``new_context()`` this is a scope private to the
+    running thread or task, so a ``tag()`` there is never a silent no-op and never leaks
+    to a sibling.
+    """
+    return _writable(_isolation_var)
+
+
+def get_current_scope() -> Scope:
+    """The current scope of this thread or asyncio task, created on first use."""
+    return _writable(_current_var)
+
+
+class _Tokens(NamedTuple):
+    isolation: Token[Scope | None]
+    current: Token[Scope | None]
+
+
+def enter_scope(isolation: Scope, current: Scope | None = None) -> _Tokens:
+    """Make ``isolation`` (and ``current``, default a new empty scope) active here.
+
+    Returns the tokens :func:`exit_scope` needs; that pair restores exactly what was active
+    before, whatever happened in between. Used where a ``with`` block cannot span the
+    work, e.g. Celery's ``task_prerun`` / ``task_postrun``.
+    """
+    me = _owner()
+    isolation._owner = me
+    if current is None:
+        current = Scope()
+    current._owner = me
+    return _Tokens(_isolation_var.set(isolation), _current_var.set(current))
+
+
+def exit_scope(tokens: _Tokens) -> None:
+    """Restore what was active before the :func:`enter_scope` that returned ``tokens``.
+
+    Raises:
+        ValueError / RuntimeError: from ``ContextVar.reset`` when the tokens were already
+            used or belong to another ``contextvars.Context``.
+    """
+    _current_var.reset(tokens.current)
+    _isolation_var.reset(tokens.isolation)
+
+
+def _fork_active() -> tuple[Scope, Scope]:
+    isolation = _isolation_var.get()
+    current = _current_var.get()
+    return (
+        isolation.fork() if isolation is not None else Scope(),
+        current.fork() if current is not None else Scope(),
+    )
+
+
+@contextmanager
+def isolation_scope() -> Iterator[Scope]:
+    """Fork the isolation and current scopes for the block; yield the new isolation scope.
+
+    Example::
+
+        tag("plan", "pro")
+        with isolation_scope() as scope:
+            scope.set_tag("plan", "free")   # only inside the block
+        assert get_tags()["plan"] == "pro"
+    """
+    isolation, current = _fork_active()
+    tokens = enter_scope(isolation, current)
+    try:
+        yield isolation
+    finally:
+        exit_scope(tokens)
+
+
+@contextmanager
+def new_scope() -> Iterator[Scope]:
+    """Fork the current scope for the block; yield it. The isolation scope is shared."""
+    current = _current_var.get()
+    forked = current.fork() if current is not None else Scope()
+    forked._owner = _owner()
+    token = _current_var.set(forked)
+    try:
+        yield forked
+    finally:
+        _current_var.reset(token)
+
+
+@contextmanager
+def use_isolation_scope(scope: Scope) -> Iterator[Scope]:
+    """Make an existing scope the isolation scope for the block (the current scope is forked).
+
+    The running thread or task becomes the scope's owner, so top-level setters write into
+    it rather than into a copy.
+    """
+    current = _current_var.get()
+    tokens = enter_scope(scope, current.fork() if current is not None else Scope())
+    try:
+        yield scope
+    finally:
+        exit_scope(tokens)
+
+
+def merged_context() -> tuple[str | None, str | None, dict[str, Any]]:
+    """``(distinct_id, session_id, tags)`` as seen from here: current -> isolation -> global.
+
+    Tags are a new dict the caller may keep or change.
+    """
+    isolation = _isolation_var.get()
+    current = _current_var.get()
+    tags = _global_scope._tags.copy()
+    distinct_id = session_id = None
+    for scope in (current, isolation):
+        if scope is None:
+            continue
+        if distinct_id is None:
+            distinct_id = scope._distinct_id
+        if session_id is None:
+            session_id = scope._session_id
+    if isolation is not None and isolation._tags:
+        tags.update(isolation._tags)
+    if current is not None and current._tags:
+        tags.update(current._tags)
+    if distinct_id is None:
+        distinct_id = _global_scope._distinct_id
+    if session_id is None:
+        session_id = _global_scope._session_id
+    return distinct_id, session_id, tags

@@ -1,0 +1,234 @@
+"""Transports: where batches of serialized events go.
+
+A batch is a list of JSON strings, one event each, already bounded by the consumer
+(<= ``flush_at`` events, <= 5 MiB). ``send()`` returns how many of them were *not*
+delivered; it may block (the consumer thread calls it) but must not raise for delivery
+failures.
+"""
+
+from __future__ import annotations
+
+import gzip as _gzip
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from ._internal import RateLimitedLog, logger
+from ._version import __version__
+
+__all__ = ["HttpTransport", "InMemoryTransport", "JsonlTransport", "Transport", "batch_body"]
+
+DEFAULT_HOST = "https://us.i.posthog.com"
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What the client hands batches to."""
+
+    def send(self, batch: Sequence[str]) -> int:
+        """Deliver ``batch`` (JSON event strings). Returns the number not delivered."""
+
+    def close(self) -> None:
+        """Release connections and files. Called once, from ``Client.shutdown()``."""
+
+
+def batch_body(api_key: str, batch: Sequence[str]) -> bytes:
+    """The ``/batch/`` request body for pre-serialized events, as UTF-8 bytes."""
+    sent_at = json.dumps(datetime.now(timezone.utc).isoformat())
+    return (
+        f'{{"api_key":{json.dumps(api_key)},"batch":[{",".join(batch)}],"sent_at":{sent_at}}}'
+    ).encode()
+
+
+class _WindowRetry(Retry):
+    """urllib3 ``Retry`` that also gives up once ``window`` seconds passed since the first
+    failure of this request, however many attempts that took."""
+
+    window: float = 30.0
+    _first_failure: float | None = None
+
+    def new(self, **kw: Any) -> _WindowRetry:
+        retry = super().new(**kw)
+        retry.window = self.window
+        retry._first_failure = self._first_failure
+        return retry
+
+    def increment(self, *args: Any, **kwargs: Any) -> _WindowRetry:
+        first = self._first_failure if self._first_failure is not None else time.monotonic()
+        retry = super().increment(*args, **kwargs)
+        retry._first_failure = first
+        return retry
+
+    def is_exhausted(self) -> bool:
+        if self._first_failure is not None and time.monotonic() - self._first_failure > self.window:
+            return True
+        return bool(super().is_exhausted())
+
+
+class HttpTransport:
+    """POSTs batches to ``{host}/batch/`` in PostHog's capture format over ``requests``.
+
+    One ``requests.Session`` per process (replaced after ``os.fork()``). Connection errors,
+    408, 429 and 5xx are retried with exponential backoff plus jitter, honouring
+    ``Retry-After``, until ``retry_window`` seconds have passed since the first failure (or
+    ``max_retries`` attempts, if given); a 413 splits the batch in two; any other 4xx drops
+    the batch and logs its size (never its content, never the API key).
+
+    Args:
+        api_key: project API key (``phc_...``).
+        host: base URL, e.g. ``https://eu.i.posthog.com``.
+        timeout: seconds (float) for connect and for each read.
+        gzip: compress request bodies (``Content-Encoding: gzip``).
+        retry_window: seconds (float) a batch is retried before it is given up.
+        max_retries: cap on attempts besides the window; None means the window alone.
+        backoff_factor: seconds; waits are ``factor * 2**n`` capped at 10 s, plus jitter.
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        host: str = DEFAULT_HOST,
+        *,
+        timeout: float = 10.0,
+        gzip: bool = True,
+        retry_window: float = 30.0,
+        max_retries: int | None = None,
+        backoff_factor: float = 0.5,
+    ) -> None:
+        self.api_key = api_key
+        self.url = host.rstrip("/") + "/batch/"
+        self.timeout = timeout
+        self.gzip = gzip
+        retry = _WindowRetry(
+            total=max_retries if max_retries is not None else 10_000,
+            connect=None,
+            read=None,
+            status=None,
+            other=0,
+            redirect=3,
+            allowed_methods=None,  # POST is safe to retry: event UUIDs are idempotent
+            status_forcelist=RETRY_STATUSES,
+            backoff_factor=backoff_factor,
+            backoff_max=10.0,
+            backoff_jitter=backoff_factor,
+            respect_retry_after_header=True,
+            raise_on_status=False,
+        )
+        retry.window = retry_window
+        self._retry = retry
+        self._log = RateLimitedLog(30.0)
+        self._lock = threading.Lock()
+        self._session = self._new_session()
+
+    def _new_session(self) -> requests.Session:
+        session = requests.Session()
+        adapter = HTTPAdapter(max_retries=self._retry, pool_connections=1, pool_maxsize=2)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.headers.update(
+            {"Content-Type": "application/json", "User-Agent": f"task_scopes/{__version__}"}
+        )
+        return session
+
+    def after_fork_in_child(self) -> None:
+        """Drop the connections inherited from the parent; the child opens its own."""
+        self._lock = threading.Lock()
+        self._session = self._new_session()
+
+    def send(self, batch: Sequence[str]) -> int:
+        if not batch:
+            return 0
+        body = batch_body(self.api_key, batch)
+        headers = {}
+        if self.gzip:
+            body = _gzip.compress(body, compresslevel=5)
+            headers["Content-Encoding"] = "gzip"
+        try:
+            with self._lock:
+                response = self._session.post(
+                    self.url, data=body, headers=headers, timeout=self.timeout
+                )
+        except requests.RequestException as exc:
+            self._log.log(
+                logging.ERROR,
+                "task_scopes: gave up on a batch of %d events (%d bytes): %s",
+                len(batch),
+                len(body),
+                type(exc).__name__,
+            )
+            return len(batch)
+        status = response.status_code
+        response.close()
+        if status < 300:
+            return 0
+        if status == 413 and len(batch) > 1:
+            half = len(batch) // 2
+            return self.send(batch[:half]) + self.send(batch[half:])
+        self._log.log(
+            logging.ERROR,
+            "task_scopes: collector answered %d; dropped a batch of %d events (%d bytes)",
+            status,
+            len(batch),
+            len(body),
+        )
+        return len(batch)
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class InMemoryTransport:
+    """Keeps every delivered event as a dict in ``events`` (tests, ``capture_events()``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.events: list[dict[str, Any]] = []
+
+    def send(self, batch: Sequence[str]) -> int:
+        parsed = [json.loads(item) for item in batch]
+        with self._lock:
+            self.events.extend(parsed)
+        return 0
+
+    def clear(self) -> None:
+        """Forget the events received so far."""
+        with self._lock:
+            self.events.clear()
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlTransport:
+    """Appends each event as one JSON line to ``path`` (offline and local development).
+
+    Safe across processes for lines under the pipe-buffer size: each batch is one
+    ``write()`` on a file opened with ``O_APPEND``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def send(self, batch: Sequence[str]) -> int:
+        data = "".join(item + "\n" for item in batch)
+        try:
+            with self._lock, open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(data)
+        except OSError:
+            logger.exception("task_scopes: cannot write %d events to %s", len(batch), self.path)
+            return len(batch)
+        return 0
+
+    def close(self) -> None:
+        pass

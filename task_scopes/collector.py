@@ -1,0 +1,328 @@
+"""A loopback collector that speaks PostHog's capture API, for local work and tests.
+
+``python -m task_scopes.collector --port 8000 --out events.jsonl`` accepts ``POST /batch/``
+and ``POST /i/v0/e/`` (gzip or plain JSON) as PostHog does, validates the payload shape,
+de-duplicates by event UUID and writes one JSON event per line. It binds to 127.0.0.1
+only. It is not a replacement for PostHog in production.
+
+In Python, :class:`CaptureServer` is the same server as a context manager, with the
+events kept in memory and a script of failures (statuses, ``Retry-After``, delays) to
+answer with, so transports are tested against a real socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["CaptureServer", "Reply", "main"]
+
+_PATHS = ("/batch", "/batch/", "/i/v0/e", "/i/v0/e/", "/capture", "/capture/", "/e", "/e/")
+_MAX_BODY = 20 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer: ``status`` after ``delay`` seconds, with ``headers``.
+
+    A status of 200 still stores the events; any other status stores nothing.
+    """
+
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+def _as_reply(item: int | Reply | tuple[int, Mapping[str, str]]) -> Reply:
+    if isinstance(item, Reply):
+        return item
+    if isinstance(item, int):
+        return Reply(item)
+    status, headers = item
+    return Reply(status, dict(headers))
+
+
+def _validate_event(event: Any) -> str | None:
+    if not isinstance(event, dict):
+        return "event is not an object"
+    if not isinstance(event.get("event"), str) or not event["event"]:
+        return "event name missing"
+    props = event.get("properties", {})
+    if not isinstance(props, dict):
+        return "properties is not an object"
+    distinct_id = event.get("distinct_id", props.get("distinct_id"))
+    if not isinstance(distinct_id, str) or not distinct_id:
+        return "distinct_id missing"
+    if "uuid" in event and not isinstance(event["uuid"], str):
+        return "uuid is not a string"
+    return None
+
+
+def parse_payload(body: bytes, content_encoding: str | None) -> list[dict[str, Any]]:
+    """Decode a capture request body into its events.
+
+    Raises:
+        ValueError: not gzip/JSON, no ``api_key``, or an event of the wrong shape.
+    """
+    if content_encoding == "gzip" or body[:2] == b"\x1f\x8b":
+        body = gzip.decompress(body)
+    payload = json.loads(body)
+    if not isinstance(payload, dict):
+        raise ValueError("payload is not an object")
+    if not isinstance(payload.get("api_key") or payload.get("token"), str):
+        raise ValueError("api_key missing")
+    events = payload.get("batch", [payload])
+    if not isinstance(events, list):
+        raise ValueError("batch is not a list")
+    for event in events:
+        problem = _validate_event(event)
+        if problem:
+            raise ValueError(problem)
+    return events
+
+
+class CaptureServer:
+    """Loopback HTTP collector in a background thread. Context manager.
+
+    Args:
+        port: TCP port on 127.0.0.1; 0 picks a free one (see :attr:`url`).
+        out: optional path; each new (non-duplicate) event is appended as one JSON line.
+        on_event: optional callback ``(event_dict) -> None`` for each new event.
+
+    Attributes:
+        events: unique events received, in arrival order (dicts as sent).
+        duplicates: events received again under a UUID already seen.
+        requests: ``(path, status, events_in_request)`` of every request answered.
+
+    Example::
+
+        with CaptureServer() as server:
+            client = Client("phc_test", server.url)
+            client.capture("x"); client.flush()
+            assert server.wait_for(1)[0]["event"] == "x"
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        out: str | Path | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self._port = port
+        self._out_path = Path(out) if out is not None else None
+        self._out: TextIO | None = None
+        self._on_event = on_event
+        self._cv = threading.Condition()
+        self._script: deque[Reply] = deque()
+        self._uuids: set[str] = set()
+        self.events: list[dict[str, Any]] = []
+        self.duplicates = 0
+        self.requests: list[tuple[str, int, int]] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Base URL to give a client as ``host``, e.g. ``http://127.0.0.1:40123``."""
+        return f"http://127.0.0.1:{self._port}"
+
+    def start(self) -> CaptureServer:
+        """Listen (again, on the same port after :meth:`stop`). Returns self."""
+        if self._server is not None:
+            return self
+        if self._out_path is not None and self._out is None:
+            self._out = open(self._out_path, "a", encoding="utf-8")  # noqa: SIM115
+        server = ThreadingHTTPServer(("127.0.0.1", self._port), _make_handler(self))
+        server.daemon_threads = True
+        self._port = server.server_address[1]
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening; connections are refused until :meth:`start`. Events are kept."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop and close the output file."""
+        self.stop()
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def __enter__(self) -> CaptureServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- scripting and assertions ----------------------------------------------------
+
+    def script(self, *replies: int | Reply | tuple[int, Mapping[str, str]]) -> None:
+        """Answer the next requests with these, in order, then 200 again.
+
+        Items: a status (``500``), ``(429, {"Retry-After": "1"})``, or a :class:`Reply`
+        (``Reply(200, delay=5.0)`` stalls five seconds, then accepts).
+        """
+        with self._cv:
+            self._script.extend(_as_reply(r) for r in replies)
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Wait until at least ``count`` unique events arrived or ``timeout`` seconds
+        passed. Returns a copy of the events received (check its length)."""
+        return self.wait_until(lambda events: len(events) >= count, timeout)
+
+    def wait_until(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        """Wait until ``predicate(events)`` holds or ``timeout`` seconds passed.
+        Returns a copy of the events received."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while not predicate(self.events):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cv.wait(remaining)
+            return list(self.events)
+
+    def clear(self) -> None:
+        """Forget events, duplicates, requests and the script (UUIDs seen are kept)."""
+        with self._cv:
+            self.events.clear()
+            self.requests.clear()
+            self._script.clear()
+            self.duplicates = 0
+
+    # -- request handling --------------------------------------------------------------
+
+    def _next_reply(self) -> Reply:
+        with self._cv:
+            return self._script.popleft() if self._script else Reply()
+
+    def _record(self, path: str, status: int, events: Iterable[dict[str, Any]]) -> None:
+        new: list[dict[str, Any]] = []
+        events = list(events)
+        with self._cv:
+            self.requests.append((path, status, len(events)))
+            if status == 200:
+                for event in events:
+                    uuid = event.get("uuid")
+                    if uuid is not None:
+                        if uuid in self._uuids:
+                            self.duplicates += 1
+                            continue
+                        self._uuids.add(uuid)
+                    new.append(event)
+                self.events.extend(new)
+                if self._out is not None and new:
+                    self._out.write("".join(json.dumps(e) + "\n" for e in new))
+                    self._out.flush()
+            self._cv.notify_all()
+        if self._on_event is not None:
+            for event in new:
+                self._on_event(event)
+
+
+def _make_handler(owner: CaptureServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "task_scopes-collector"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+        def _answer(self, status: int, body: dict[str, Any], headers: Mapping[str, str]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            path = self.path.split("?", 1)[0]
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > _MAX_BODY:
+                self._answer(413, {"error": "payload too large"}, {})
+                self.close_connection = True
+                return
+            body = self.rfile.read(length)
+            if path not in _PATHS:
+                owner._record(path, 404, [])
+                self._answer(404, {"error": "not found"}, {})
+                return
+            reply = owner._next_reply()
+            if reply.delay:
+                time.sleep(reply.delay)
+            if reply.status != 200:
+                owner._record(path, reply.status, [])
+                self._answer(reply.status, {"error": "scripted"}, reply.headers)
+                return
+            try:
+                events = parse_payload(body, self.headers.get("Content-Encoding"))
+            except (ValueError, OSError, EOFError) as exc:
+                owner._record(path, 400, [])
+                self._answer(400, {"error": f"invalid payload: {exc}"}, {})
+                return
+            owner._record(path, 200, events)
+            self._answer(200, {"status": "Ok"}, reply.headers)
+
+        def do_GET(self) -> None:
+            self._answer(200, {"status": "ok", "events": len(owner.events)}, {})
+
+    return Handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the collector until interrupted. Prints ``listening on URL`` once ready."""
+    parser = argparse.ArgumentParser(
+        prog="python -m task_scopes.collector",
+        description="Loopback collector speaking PostHog's capture API.",
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0: any)")
+    parser.add_argument("--out", default="events.jsonl", help="JSON lines file to append to")
+    args = parser.parse_args(argv)
+    server = CaptureServer(args.port, out=args.out).start()
+    print(f"listening on {server.url} writing {args.out}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    print(f"received {len(server.events)} events ({server.duplicates} duplicates)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
