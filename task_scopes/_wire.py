@@ -1,6 +1,12 @@
-"""JSON-safe coercion of tag and property values.
+"""Context <-> message header, and JSON-safe coercion of tag and property values.
 
-The rules are deterministic so that the same context always encodes to the same bytes:
+Header (DESIGN §3): one top-level message header ``task_scopes`` holding compact JSON
+``{"v": 1, "d": distinct_id, "s": session_id, "t": {tags}}`` (absent keys omitted), plus
+``task_scopes_sig``, the hex HMAC-SHA256 of the exact header string, when a secret is set.
+Top level only: a nested ``headers["headers"]`` dict (the celery#4875 workaround) hides
+top-level keys from ``request.headers`` and makes ``retry()`` drop the user's own headers.
+
+Coercion is deterministic so that the same context always encodes to the same bytes:
 datetime/date/time -> ISO 8601, UUID/Decimal/Path -> str, set/frozenset/tuple -> list
 (sorted when the items sort), bytes -> base64 only when allowed, anything else ->
 :class:`Unencodable` (callers drop it and name the key; never ``repr()`` noise).
@@ -9,9 +15,13 @@ datetime/date/time -> ISO 8601, UUID/Decimal/Path -> str, set/frozenset/tuple ->
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import math
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
 from enum import Enum
@@ -19,7 +29,32 @@ from pathlib import PurePath
 from typing import Any
 from uuid import UUID
 
-__all__ = ["Unencodable", "coerce", "json_default"]
+__all__ = [
+    "HEADER",
+    "POSTHOG_DISTINCT_ID",
+    "POSTHOG_SESSION_ID",
+    "POSTHOG_TAGS",
+    "SIG_HEADER",
+    "Limits",
+    "Unencodable",
+    "WireContext",
+    "WireError",
+    "clean_tags",
+    "coerce",
+    "decode",
+    "decode_posthog",
+    "encode",
+    "json_default",
+    "sign",
+]
+
+HEADER = "task_scopes"
+SIG_HEADER = "task_scopes_sig"
+# PostHog's Celery integration (posthog/integrations/celery.py) writes these.
+POSTHOG_DISTINCT_ID = "X-POSTHOG-DISTINCT-ID"
+POSTHOG_SESSION_ID = "X-POSTHOG-SESSION-ID"
+POSTHOG_TAGS = "X-POSTHOG-CONTEXT-TAGS"
+VERSION = 1
 
 _MAX_DEPTH = 8
 
@@ -78,3 +113,239 @@ def json_default(value: Any) -> Any:
         return coerce(value, allow_bytes=True)
     except Unencodable:
         return None
+
+
+# -- header encoding ----------------------------------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_DECODE_LIMIT = 256 * 1024  # refuse to parse anything larger, whatever the cap says
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on the encoded context (DESIGN §3)."""
+
+    max_bytes: int = 8192
+    max_tags: int = 64
+    max_key_chars: int = 200
+    max_value_chars: int = 1000
+    encode_bytes: bool = False
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class WireError(ValueError):
+    """A received header is not a valid context (bad JSON, types, version, signature)."""
+
+
+@dataclass(frozen=True)
+class WireContext:
+    """A context as carried between processes."""
+
+    distinct_id: str | None = None
+    session_id: str | None = None
+    tags: Mapping[str, Any] | None = None
+
+
+def _propagated(key: str) -> bool:
+    # celery_* tags describe one task, $-properties one event: neither belongs to a caller.
+    return not key.startswith(("celery_", "$"))
+
+
+def _clean_str(value: str, limit: int) -> str:
+    if not value.isprintable():
+        value = _CONTROL.sub("", value)
+    return value[:limit]
+
+
+def _clean(value: Any, limit: int) -> Any:
+    """Strip control characters from and cap every string in a coerced value."""
+    if isinstance(value, str):
+        return _clean_str(value, limit)
+    if isinstance(value, list):
+        return [_clean(v, limit) for v in value]
+    if isinstance(value, dict):
+        return {_clean_str(k, limit): _clean(v, limit) for k, v in value.items()}
+    return value
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+
+
+def _clean_id(value: Any, limits: Limits) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = str(value) if isinstance(value, (int, UUID)) else None
+        if value is None:
+            return None
+    return _clean_str(value, limits.max_value_chars) or None
+
+
+def clean_tags(
+    tags: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS
+) -> tuple[dict[str, Any], list[str]]:
+    """Tags as they may travel: JSON-safe, control characters stripped, capped.
+
+    Returns ``(tags, dropped)``: the propagated tags and the keys dropped because they
+    could not be encoded or their key was too long. ``celery_*`` and ``$`` keys are left
+    out silently (they never propagate).
+    """
+    out: dict[str, Any] = {}
+    dropped: list[str] = []
+    for key, value in tags.items():
+        if not isinstance(key, str):
+            dropped.append(repr(key)[:50])
+            continue
+        if not _propagated(key):
+            continue
+        if len(key) > limits.max_key_chars:
+            dropped.append(key[:50] + "...")
+            continue
+        if type(value) is str:
+            out[_clean_str(key, limits.max_key_chars)] = _clean_str(value, limits.max_value_chars)
+            continue
+        try:
+            coerced = coerce(value, allow_bytes=limits.encode_bytes)
+        except Unencodable:
+            dropped.append(key)
+            continue
+        out[_clean_str(key, limits.max_key_chars)] = _clean(coerced, limits.max_value_chars)
+    return out, dropped
+
+
+def encode(
+    distinct_id: str | None,
+    session_id: str | None,
+    tags: Mapping[str, Any],
+    limits: Limits = DEFAULT_LIMITS,
+) -> tuple[str, list[str]]:
+    """Encode a context as the ``task_scopes`` header value.
+
+    Returns ``(header, dropped)``: the compact JSON string, never over
+    ``limits.max_bytes`` UTF-8 bytes, and the tag keys left out (unencodable, or dropped
+    largest first to fit the caps). Never raises for tag values.
+    """
+    clean, dropped = clean_tags(tags, limits)
+    payload: dict[str, Any] = {"v": VERSION}
+    did = _clean_id(distinct_id, limits)
+    sid = _clean_id(session_id, limits)
+    if did is not None:
+        payload["d"] = did
+    if sid is not None:
+        payload["s"] = sid
+    if clean:
+        payload["t"] = clean
+    header = _dumps(payload)
+    if len(clean) <= limits.max_tags and (
+        len(header) <= limits.max_bytes and len(header.encode()) <= limits.max_bytes
+    ):
+        return header, dropped
+    # Over a cap: drop the largest tags first until both caps hold.
+    sizes = sorted(
+        ((len(_dumps({k: v}).encode()), k) for k, v in clean.items()), reverse=True
+    )
+    total = len(header.encode())
+    count = len(clean)
+    for size, key in sizes:
+        if count <= limits.max_tags and total <= limits.max_bytes:
+            break
+        del clean[key]
+        dropped.append(key)
+        total -= size - 1  # a removed member also loses its separating comma
+        count -= 1
+    if not clean:
+        payload.pop("t", None)
+    header = _dumps(payload)
+    while len(header.encode()) > limits.max_bytes and clean:  # estimate was short
+        key = max(clean, key=lambda k: len(_dumps({k: clean[k]})))
+        del clean[key]
+        dropped.append(key)
+        if not clean:
+            payload.pop("t", None)
+        header = _dumps(payload)
+    return header, dropped
+
+
+def sign(header: str, secret: str) -> str:
+    """Hex HMAC-SHA256 of ``header`` under ``secret``."""
+    return hmac.new(secret.encode(), header.encode(), hashlib.sha256).hexdigest()
+
+
+def decode(
+    header: Any,
+    signature: Any = None,
+    secret: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> WireContext:
+    """Decode an untrusted ``task_scopes`` header value.
+
+    Raises:
+        WireError: not a string, too large, bad JSON or types, unknown version, or (with
+            ``secret``) a missing or wrong signature.
+    """
+    if isinstance(header, bytes):
+        try:
+            header = header.decode()
+        except UnicodeDecodeError as exc:
+            raise WireError("header is not UTF-8") from exc
+    if not isinstance(header, str):
+        raise WireError(f"header is a {type(header).__name__}, not a string")
+    if len(header) > _DECODE_LIMIT:
+        raise WireError(f"header of {len(header)} characters is too large")
+    if secret is not None:
+        if not isinstance(signature, str):
+            raise WireError("signature missing")
+        if not hmac.compare_digest(sign(header, secret), signature):
+            raise WireError("signature mismatch")
+    try:
+        payload = json.loads(header)
+    except (ValueError, RecursionError) as exc:
+        raise WireError("header is not JSON") from exc
+    if not isinstance(payload, dict):
+        raise WireError("header is not a JSON object")
+    if payload.get("v") != VERSION:
+        raise WireError(f"unknown header version {payload.get('v')!r}")
+    distinct_id = payload.get("d")
+    session_id = payload.get("s")
+    tags = payload.get("t", {})
+    if distinct_id is not None and not isinstance(distinct_id, str):
+        raise WireError("distinct ID is not a string")
+    if session_id is not None and not isinstance(session_id, str):
+        raise WireError("session ID is not a string")
+    if not isinstance(tags, dict):
+        raise WireError("tags are not an object")
+    clean, _ = clean_tags(tags, limits)
+    if len(clean) > limits.max_tags:
+        clean = dict(list(clean.items())[: limits.max_tags])
+    return WireContext(_clean_id(distinct_id, limits), _clean_id(session_id, limits), clean)
+
+
+def decode_posthog(
+    distinct_id: Any, session_id: Any, tags: Any, limits: Limits = DEFAULT_LIMITS
+) -> WireContext:
+    """Decode PostHog's ``X-POSTHOG-*`` header values (tags: a JSON object string).
+
+    Raises:
+        WireError: wrong types or tags that are not a JSON object.
+    """
+    if distinct_id is not None and not isinstance(distinct_id, str):
+        raise WireError("X-POSTHOG-DISTINCT-ID is not a string")
+    if session_id is not None and not isinstance(session_id, str):
+        raise WireError("X-POSTHOG-SESSION-ID is not a string")
+    parsed: Any = {}
+    if tags is not None:
+        if not isinstance(tags, (str, bytes)) or len(tags) > _DECODE_LIMIT:
+            raise WireError("X-POSTHOG-CONTEXT-TAGS is not a string of reasonable size")
+        try:
+            parsed = json.loads(tags)
+        except (ValueError, RecursionError) as exc:
+            raise WireError("X-POSTHOG-CONTEXT-TAGS is not JSON") from exc
+        if not isinstance(parsed, dict):
+            raise WireError("X-POSTHOG-CONTEXT-TAGS is not a JSON object")
+    clean, _ = clean_tags(parsed, limits)
+    if len(clean) > limits.max_tags:
+        clean = dict(list(clean.items())[: limits.max_tags])
+    return WireContext(_clean_id(distinct_id, limits), _clean_id(session_id, limits), clean)

@@ -1,0 +1,96 @@
+"""Reading the propagated context and task metadata from a Celery request.
+
+A request is a ``celery.app.task.Context`` in the process that runs the task (worker
+child, solo/threads worker, or eager call), or a ``celery.worker.request.Request`` in the
+worker's main process (``task_received``). Helpers return ``X | None`` and never raise
+for missing data; decoding raises :class:`~task_scopes._wire.WireError` for bad data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .._wire import (
+    HEADER,
+    POSTHOG_DISTINCT_ID,
+    POSTHOG_SESSION_ID,
+    POSTHOG_TAGS,
+    SIG_HEADER,
+    Limits,
+    WireContext,
+    decode,
+    decode_posthog,
+)
+
+__all__ = ["CARRIED", "carried_headers", "read_context", "task_tags"]
+
+# Header names a context may arrive under, ours first, then PostHog's.
+CARRIED = (HEADER, SIG_HEADER, POSTHOG_DISTINCT_ID, POSTHOG_SESSION_ID, POSTHOG_TAGS)
+
+
+def _lookup(request: Any, name: str) -> Any:
+    """A top-level header as Celery exposes it: an attribute of the request (first run and
+    every retry), else ``request.headers[name]`` (eager ``apply(headers=...)``, other
+    producers)."""
+    value = getattr(request, name, None)
+    if value is None:
+        headers = getattr(request, "headers", None)
+        if isinstance(headers, Mapping):
+            value = headers.get(name)
+    return value
+
+
+def carried_headers(request: Any) -> dict[str, Any]:
+    """The context-carrying headers present on ``request`` (a small dict to keep)."""
+    found = {}
+    for name in CARRIED:
+        value = _lookup(request, name)
+        if value is not None:
+            found[name] = value
+    return found
+
+
+def read_context(
+    headers: Mapping[str, Any], secret: str | None, limits: Limits
+) -> WireContext | None:
+    """The context carried by ``headers`` (from :func:`carried_headers`), or None if none.
+
+    Our header wins; PostHog's ``X-POSTHOG-*`` headers are read when it is absent. With a
+    ``secret``, unsigned or forged context is refused, PostHog's (never signed) included.
+
+    Raises:
+        WireError: the header is present but invalid, or its signature does not match.
+    """
+    header = headers.get(HEADER)
+    if header is not None:
+        return decode(header, headers.get(SIG_HEADER), secret, limits)
+    distinct_id = headers.get(POSTHOG_DISTINCT_ID)
+    session_id = headers.get(POSTHOG_SESSION_ID)
+    tags = headers.get(POSTHOG_TAGS)
+    if distinct_id is None and session_id is None and tags is None:
+        return None
+    if secret is not None:
+        from .._wire import WireError
+
+        raise WireError("unsigned PostHog headers refused: a secret is set")
+    return decode_posthog(distinct_id, session_id, tags, limits)
+
+
+def task_tags(task: Any, request: Any) -> dict[str, Any]:
+    """The tags describing this execution: ``celery_task_id``, ``celery_task_name``,
+    ``celery_queue``, ``celery_retry_count``, ``celery_hostname`` (when known)."""
+    tags: dict[str, Any] = {
+        "celery_task_id": getattr(request, "id", None),
+        "celery_task_name": getattr(task, "name", None),
+        "celery_retry_count": getattr(request, "retries", 0) or 0,
+    }
+    delivery_info = getattr(request, "delivery_info", None)
+    if isinstance(delivery_info, Mapping):
+        queue = delivery_info.get("routing_key")
+        if queue:
+            tags["celery_queue"] = queue
+    hostname = getattr(request, "hostname", None)
+    if hostname:
+        tags["celery_hostname"] = hostname
+    return tags

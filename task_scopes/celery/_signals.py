@@ -1,0 +1,401 @@
+"""One ``_on_<signal_name>`` per Celery signal; every handler runs inside the guard.
+
+State lives in :data:`REGISTRY` (installed apps and their options) and in a few bounded
+per-process structures; nothing here grows with the number of tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery.exceptions import Ignore, Reject, Retry
+
+from .. import _api
+from .._config import Options
+from .._internal import RateLimitedLog, guard, logger
+from .._scope import Scope, _current_var, _fork_active, _isolation_var, enter_scope, exit_scope
+from .._wire import (
+    HEADER,
+    POSTHOG_DISTINCT_ID,
+    POSTHOG_SESSION_ID,
+    POSTHOG_TAGS,
+    SIG_HEADER,
+    Limits,
+    WireContext,
+    WireError,
+    clean_tags,
+    encode,
+    sign,
+)
+from ._request import CARRIED, carried_headers, read_context, task_tags
+
+__all__ = ["REGISTRY", "Installed"]
+
+_RUN_ATTR = "_task_scopes_run"
+_NOT_CAPTURED = (Retry, Ignore, Reject)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What ``install()`` decided for one app."""
+
+    options: Options
+    limits: Limits
+
+
+@dataclass
+class _Registry:
+    apps: weakref.WeakKeyDictionary[Any, Installed] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+    last: Installed | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def for_task(self, task: Any) -> Installed | None:
+        app = getattr(task, "app", None) if task is not None else None
+        return self.apps.get(app) if app is not None else None
+
+    def for_publish(self) -> Installed | None:
+        # before_task_publish carries no app; with several installed apps the current
+        # app's options win, else the last installed.
+        if len(self.apps) > 1:
+            from celery import current_app
+
+            found = self.apps.get(current_app._get_current_object())
+            if found is not None:
+                return found
+        return self.last
+
+
+REGISTRY = _Registry()
+
+
+@dataclass
+class _Run:
+    tokens: Any
+    started: float
+    installed: Installed
+
+
+class _Bounded(OrderedDict[str, Any]):
+    """An insertion-ordered dict that forgets its oldest entries past ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key: str, value: Any) -> None:
+        self[key] = value
+        if len(self) > self.limit:
+            self.popitem(last=False)
+
+
+# Worker main process only: headers of received tasks, for failures reported there without
+# the task's request (hard time limit: Request.on_timeout fires task_failure with an empty
+# request), and the task ids already captured there (Celery 5.7 fires task_failure twice
+# for a hard time limit).
+_received = _Bounded(4096)
+_captured_in_main = _Bounded(4096)
+_bad_header_log = RateLimitedLog(60.0)
+_dropped_logs: dict[frozenset[str], RateLimitedLog] = {}
+
+
+def reset_process_state() -> None:
+    """Forget the main process's bounded maps (called in a fresh pool child)."""
+    _received.clear()
+    _captured_in_main.clear()
+
+
+def _warn_dropped(keys: list[str], limits: Limits) -> None:
+    keyset = frozenset(keys)
+    log = _dropped_logs.get(keyset)
+    if log is None:
+        if len(_dropped_logs) > 256:
+            _dropped_logs.clear()
+        log = _dropped_logs[keyset] = RateLimitedLog(60.0)
+    log.warning(
+        "task_scopes: tags not propagated to the task (unencodable, key over %d chars, or "
+        "over the cap of %d tags / %d bytes): %s",
+        limits.max_key_chars,
+        limits.max_tags,
+        limits.max_bytes,
+        ", ".join(sorted(keys)),
+    )
+
+
+def _caller_context() -> tuple[str | None, str | None, dict[str, Any]]:
+    """Distinct ID, session ID and tags of the caller's isolation and current scopes.
+
+    The global scope is left out: it describes the producer process (release, service),
+    and the worker has its own.
+    """
+    isolation = _isolation_var.get()
+    current = _current_var.get()
+    distinct_id = session_id = None
+    tags: dict[str, Any] = {}
+    for scope in (isolation, current):  # current last: it wins
+        if scope is None:
+            continue
+        if scope._distinct_id is not None:
+            distinct_id = scope._distinct_id
+        if scope._session_id is not None:
+            session_id = scope._session_id
+        if scope._tags:
+            tags.update(scope._tags)
+    return distinct_id, session_id, tags
+
+
+# -- publish -------------------------------------------------------------------------------
+
+
+def _on_before_task_publish(headers: Any = None, **_: Any) -> None:
+    if not REGISTRY.apps or not isinstance(headers, dict):
+        return
+    with guard("before_task_publish"):
+        installed = REGISTRY.for_publish()
+        if installed is None or not installed.options.propagate:
+            return
+        distinct_id, session_id, tags = _caller_context()
+        if distinct_id is None and session_id is None and not tags:
+            return
+        options = installed.options
+        header, dropped = encode(distinct_id, session_id, tags, installed.limits)
+        # Top level only, never headers["headers"]: see task_scopes._wire (celery#4875).
+        headers[HEADER] = header
+        if options.secret is not None:
+            headers[SIG_HEADER] = sign(header, options.secret)
+        if options.posthog_headers:
+            _write_posthog_headers(headers, distinct_id, session_id, tags, installed.limits)
+        if dropped:
+            _warn_dropped(dropped, installed.limits)
+
+
+def _write_posthog_headers(
+    headers: dict[str, Any],
+    distinct_id: str | None,
+    session_id: str | None,
+    tags: Mapping[str, Any],
+    limits: Limits,
+) -> None:
+    if distinct_id is not None:
+        headers[POSTHOG_DISTINCT_ID] = distinct_id
+    if session_id is not None:
+        headers[POSTHOG_SESSION_ID] = session_id
+    clean, _ = clean_tags(tags, limits)
+    if clean:
+        headers[POSTHOG_TAGS] = json.dumps(clean, separators=(",", ":"), ensure_ascii=False)
+
+
+# -- worker: open and close the task's isolation scope ------------------------------------
+
+
+def _restore(installed: Installed, headers: Mapping[str, Any], task_id: Any) -> WireContext | None:
+    if not installed.options.propagate or not headers:
+        return None
+    try:
+        return read_context(headers, installed.options.secret, installed.limits)
+    except WireError as exc:
+        _bad_header_log.warning(
+            "task_scopes: ignored the context header of task %s (%s); the task runs with an "
+            "empty context",
+            task_id,
+            exc,
+        )
+        return None
+
+
+def _apply(scope: Scope, context: WireContext | None) -> None:
+    if context is None:
+        return
+    if context.distinct_id is not None:
+        scope.set_distinct_id(context.distinct_id)
+    if context.session_id is not None:
+        scope.set_session_id(context.session_id)
+    if context.tags:
+        scope._tags.update(context.tags)
+
+
+def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
+    task = task if task is not None else sender
+    installed = REGISTRY.for_task(task)
+    if installed is None:
+        return
+    with guard("task_prerun"):
+        request = task.request
+        if getattr(request, "is_eager", False):
+            # Eager: the task runs in the caller's own contextvars.Context. Fork the
+            # caller's scope; postrun resets it so nothing leaks back.
+            isolation, current = _fork_active()
+        else:
+            isolation, current = Scope(), Scope()
+        _apply(isolation, _restore(installed, carried_headers(request), request.id))
+        isolation._tags.update(task_tags(task, request))
+        run = _Run(enter_scope(isolation, current), time.monotonic(), installed)
+        setattr(request, _RUN_ATTR, run)
+        if installed.options.task_events and _wanted(installed, task):
+            _api.get_client().capture(
+                "celery task started", properties={"celery_state": "STARTED"}
+            )
+
+
+def _on_task_postrun(task: Any = None, sender: Any = None, state: Any = None, **_: Any) -> None:
+    task = task if task is not None else sender
+    if task is None:
+        return
+    request = task.request
+    run: _Run | None = getattr(request, _RUN_ATTR, None)
+    if run is None:
+        return
+    with guard("task_postrun"):
+        try:
+            if state == "SUCCESS" and run.installed.options.task_events and _wanted(
+                run.installed, task
+            ):
+                _api.get_client().capture(
+                    "celery task success",
+                    properties={"celery_state": state, "celery_duration_ms": _ms(run)},
+                )
+        finally:
+            setattr(request, _RUN_ATTR, None)
+            exit_scope(run.tokens)
+
+
+def _ms(run: _Run) -> float:
+    return round((time.monotonic() - run.started) * 1000, 3)
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+def _wanted(installed: Installed, task: Any) -> bool:
+    task_filter = installed.options.task_filter
+    if task_filter is None:
+        return True
+    try:
+        return bool(task_filter(getattr(task, "name", "")))
+    except Exception:
+        logger.exception("task_scopes: task_filter raised; capturing anyway")
+        return True
+
+
+def _expected(task: Any, exc: BaseException) -> bool:
+    if isinstance(exc, _NOT_CAPTURED):
+        return True
+    throws = getattr(task, "throws", ()) or ()
+    return bool(throws) and isinstance(exc, tuple(throws))
+
+
+def _capture_failure(installed: Installed, task: Any, exc: BaseException, run: _Run | None) -> None:
+    options = installed.options
+    if not _wanted(installed, task):
+        return
+    client = _api.get_client()
+    if options.capture_exceptions and not _expected(task, exc):
+        client.capture_exception(exc, mechanism="celery", handled=False)
+    if options.task_events:
+        props: dict[str, Any] = {"celery_state": "FAILURE", "celery_exception": type(exc).__name__}
+        if run is not None:
+            props["celery_duration_ms"] = _ms(run)
+        client.capture("celery task failure", properties=props)
+
+
+def _on_task_failure(
+    sender: Any = None, task_id: Any = None, exception: Any = None, **_: Any
+) -> None:
+    installed = REGISTRY.for_task(sender)
+    if installed is None or not isinstance(exception, BaseException):
+        return
+    with guard("task_failure"):
+        request = sender.request
+        run: _Run | None = getattr(request, _RUN_ATTR, None)
+        if run is not None:  # in the process that ran the task, inside its scope
+            _capture_failure(installed, sender, exception, run)
+            return
+        # Worker main process: hard time limit or lost child. Rebuild the task's scope.
+        if task_id is None or task_id in _captured_in_main:
+            return
+        _captured_in_main.put(task_id, True)
+        if getattr(request, "id", None) == task_id:
+            headers = carried_headers(request)
+        else:
+            headers = _received.get(task_id) or {}
+        isolation = Scope()
+        _apply(isolation, _restore(installed, headers, task_id))
+        isolation._tags.update(task_tags(sender, request))
+        isolation._tags["celery_task_id"] = task_id
+        tokens = enter_scope(isolation, Scope())
+        try:
+            _capture_failure(installed, sender, exception, None)
+        finally:
+            exit_scope(tokens)
+
+
+def _on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
+    installed = REGISTRY.for_task(sender)
+    if installed is None:
+        return
+    with guard("task_retry"):
+        options = installed.options
+        if not _wanted(installed, sender):
+            return
+        cause = getattr(reason, "exc", None) if isinstance(reason, Retry) else reason
+        client = _api.get_client()
+        if options.capture_retries and isinstance(cause, BaseException) and not _expected(
+            sender, cause
+        ):
+            client.capture_exception(cause, mechanism="celery.retry", handled=False)
+        if options.task_events:
+            client.capture("celery task retry", properties={"celery_state": "RETRY"})
+
+
+def _on_task_received(request: Any = None, **_: Any) -> None:
+    if not REGISTRY.apps:
+        return
+    with guard("task_received"):
+        task_id = getattr(request, "id", None)
+        headers_of = getattr(request, "request_dict", None)
+        if task_id is None or not isinstance(headers_of, Mapping):
+            return
+        found = {name: headers_of[name] for name in CARRIED if name in headers_of}
+        if found:
+            _received.put(task_id, found)
+
+
+# -- process lifecycle ---------------------------------------------------------------------
+
+
+def _shutdown_timeout() -> float:
+    timeouts = [i.options.shutdown_timeout for i in list(REGISTRY.apps.values())]
+    return max(timeouts) if timeouts else 10.0
+
+
+def _on_worker_process_init(**_: Any) -> None:
+    with guard("worker_process_init"):
+        reset_process_state()
+
+
+def _on_worker_process_shutdown(**_: Any) -> None:
+    # Pool children leave with os._exit(): atexit never runs there, so flush now.
+    with guard("worker_process_shutdown"):
+        left = _api.get_client().flush(timeout=_shutdown_timeout())
+        if left:
+            logger.warning("task_scopes: %d events undelivered at process shutdown", left)
+
+
+def _on_worker_shutdown(**_: Any) -> None:
+    with guard("worker_shutdown"):
+        flush_at_exit()
+
+
+def flush_at_exit() -> None:
+    """Shut the default client down, bounded by ``task_scopes_shutdown_timeout``."""
+    left = _api.get_client().shutdown(timeout=_shutdown_timeout())
+    if left:
+        logger.warning("task_scopes: %d events undelivered at shutdown", left)
