@@ -39,16 +39,22 @@ __all__ = [
 
 
 def _owner() -> object:
-    """Identity of the running asyncio task, else of the running thread."""
+    """The running asyncio task, else the running thread's ``Thread`` object.
+
+    Objects, not ``threading.get_ident()``: a scope keeps its owner alive, so the owner's
+    identity cannot be reused, whereas a dead thread's ident is handed to the next thread
+    (glibc reuses them at once) which would then write into the dead thread's scopes in
+    place, through every context copied from it. ``_get_running_loop()`` returns None
+    outside a loop where ``current_task()`` would raise; it is in ``asyncio.__all__``.
+    """
     asyncio = sys.modules.get("asyncio")
     if asyncio is not None:
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # no running event loop in this thread
-            task = None
-        if task is not None:
-            return task
-    return threading.get_ident()
+        loop = asyncio._get_running_loop()
+        if loop is not None:
+            task = asyncio.current_task(loop)
+            if task is not None:
+                return task
+    return threading.current_thread()
 
 
 class Scope:
@@ -142,7 +148,7 @@ def _writable(var: ContextVar[Scope | None]) -> Scope:
     me = _owner()
     if scope is None:
         scope = Scope()
-    elif scope._owner is me or scope._owner == me:
+    elif scope._owner is me:
         return scope
     else:
         scope = scope.fork()
