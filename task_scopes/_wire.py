@@ -170,8 +170,8 @@ def _clean(value: Any, limit: int) -> Any:
     return value
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+# One encoder, built once: json.dumps() with options builds a new JSONEncoder per call.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode
 
 
 def _clean_id(value: Any, limits: Limits) -> str | None:
