@@ -111,7 +111,6 @@ class Client:
         if debug:
             set_reraise(True)
             logger.setLevel(logging.DEBUG)
-        self._log = RateLimitedLog(60.0)
         self._reset()
         _clients.add(self)
 
@@ -122,6 +121,7 @@ class Client:
         self._consumer: Consumer | None = None
         self._dropped = 0
         self._finished: list[Consumer] = []
+        self._log = RateLimitedLog(60.0)
 
     def _after_fork_in_child(self) -> None:
         self._reset()

@@ -39,7 +39,15 @@ class Transport(Protocol):
         """Deliver ``batch`` (JSON event strings). Returns the number not delivered."""
 
     def close(self) -> None:
-        """Release connections and files. Called once, from ``Client.shutdown()``."""
+        """Release connections and files. ``Client.shutdown()`` does not call it, since a
+        shut-down client starts again on its next ``capture()``; whoever made the
+        transport closes it when done with it.
+
+        A transport may also define ``after_fork_in_child() -> None``; the client calls it
+        in the child after ``os.fork()`` to replace locks and connections inherited from
+        the parent (a lock held by the parent's consumer thread at the fork would never be
+        released in the child).
+        """
 
 
 def batch_body(api_key: str, batch: Sequence[str]) -> bytes:
@@ -143,6 +151,7 @@ class HttpTransport:
     def after_fork_in_child(self) -> None:
         """Drop the connections inherited from the parent; the child opens its own."""
         self._lock = threading.Lock()
+        self._log = RateLimitedLog(30.0)
         self._session = self._new_session()
 
     def send(self, batch: Sequence[str]) -> int:
@@ -205,6 +214,10 @@ class InMemoryTransport:
         with self._lock:
             self.events.clear()
 
+    def after_fork_in_child(self) -> None:
+        """A new lock: the parent's consumer may have held the old one at the fork."""
+        self._lock = threading.Lock()
+
     def close(self) -> None:
         pass
 
@@ -229,6 +242,10 @@ class JsonlTransport:
             logger.exception("task_scopes: cannot write %d events to %s", len(batch), self.path)
             return len(batch)
         return 0
+
+    def after_fork_in_child(self) -> None:
+        """A new lock: the parent's consumer may have held the old one at the fork."""
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         pass

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import socket
 import sys
 import threading
 import time
@@ -23,9 +24,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
-__all__ = ["CaptureServer", "Reply", "main"]
+__all__ = ["CaptureServer", "Reply", "RequestRecord", "main"]
 
 _PATHS = ("/batch", "/batch/", "/i/v0/e", "/i/v0/e/", "/capture", "/capture/", "/e", "/e/")
 _MAX_BODY = 20 * 1024 * 1024
@@ -41,6 +42,22 @@ class Reply:
     status: int = 200
     headers: Mapping[str, str] = field(default_factory=dict)
     delay: float = 0.0
+
+
+class RequestRecord(NamedTuple):
+    """One answered request, as kept in :attr:`CaptureServer.request_log`.
+
+    ``received``: ``time.monotonic()`` when the request arrived (before any scripted
+    delay), seconds; ``encoding``: its ``Content-Encoding`` header or None; ``size``: body
+    length in bytes as sent (compressed when gzip).
+    """
+
+    path: str
+    status: int
+    events: int
+    received: float
+    encoding: str | None
+    size: int
 
 
 def _as_reply(item: int | Reply | tuple[int, Mapping[str, str]]) -> Reply:
@@ -103,6 +120,8 @@ class CaptureServer:
         events: unique events received, in arrival order (dicts as sent).
         duplicates: events received again under a UUID already seen.
         requests: ``(path, status, events_in_request)`` of every request answered.
+        request_log: the same requests as :class:`RequestRecord`\\ s, with arrival time,
+            content encoding and body size (e.g. to check a ``Retry-After`` was waited).
 
     Example::
 
@@ -129,6 +148,8 @@ class CaptureServer:
         self.events: list[dict[str, Any]] = []
         self.duplicates = 0
         self.requests: list[tuple[str, int, int]] = []
+        self.request_log: list[RequestRecord] = []
+        self._connections: set[socket.socket] = set()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -160,11 +181,22 @@ class CaptureServer:
         return self
 
     def stop(self) -> None:
-        """Stop listening; connections are refused until :meth:`start`. Events are kept."""
+        """Stop listening; connections are refused until :meth:`start`. Events are kept.
+
+        Open keep-alive connections are shut too: otherwise a client's pooled connection
+        would still be served by its handler thread and the server would not look down.
+        """
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
             server.server_close()
+        with self._cv:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed by its handler
+                pass
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
@@ -217,6 +249,7 @@ class CaptureServer:
         with self._cv:
             self.events.clear()
             self.requests.clear()
+            self.request_log.clear()
             self._script.clear()
             self.duplicates = 0
 
@@ -226,11 +259,22 @@ class CaptureServer:
         with self._cv:
             return self._script.popleft() if self._script else Reply()
 
-    def _record(self, path: str, status: int, events: Iterable[dict[str, Any]]) -> None:
+    def _record(
+        self,
+        path: str,
+        status: int,
+        events: Iterable[dict[str, Any]],
+        received: float,
+        encoding: str | None = None,
+        size: int = 0,
+    ) -> None:
         new: list[dict[str, Any]] = []
         events = list(events)
         with self._cv:
             self.requests.append((path, status, len(events)))
+            self.request_log.append(
+                RequestRecord(path, status, len(events), received, encoding, size)
+            )
             if status == 200:
                 for event in events:
                     uuid = event.get("uuid")
@@ -254,9 +298,24 @@ def _make_handler(owner: CaptureServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "task_scopes-collector"
+        # headers and body go out in two writes; with Nagle on, the second waits for the
+        # client's delayed ACK (~40 ms a request on Linux keep-alive connections)
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             pass
+
+        def setup(self) -> None:
+            super().setup()
+            with owner._cv:
+                owner._connections.add(self.connection)
+
+        def finish(self) -> None:
+            try:
+                super().finish()
+            finally:
+                with owner._cv:
+                    owner._connections.discard(self.connection)
 
         def _answer(self, status: int, body: dict[str, Any], headers: Mapping[str, str]) -> None:
             data = json.dumps(body).encode()
@@ -265,35 +324,42 @@ def _make_handler(owner: CaptureServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(data)))
             for key, value in headers.items():
                 self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                # the client gave up waiting (its timeout) or the server is stopping
+                self.close_connection = True
 
         def do_POST(self) -> None:
+            received = time.monotonic()
             path = self.path.split("?", 1)[0]
             length = int(self.headers.get("Content-Length") or 0)
+            encoding = self.headers.get("Content-Encoding")
             if length > _MAX_BODY:
+                owner._record(path, 413, [], received, encoding, length)
                 self._answer(413, {"error": "payload too large"}, {})
                 self.close_connection = True
                 return
             body = self.rfile.read(length)
             if path not in _PATHS:
-                owner._record(path, 404, [])
+                owner._record(path, 404, [], received, encoding, len(body))
                 self._answer(404, {"error": "not found"}, {})
                 return
             reply = owner._next_reply()
             if reply.delay:
                 time.sleep(reply.delay)
             if reply.status != 200:
-                owner._record(path, reply.status, [])
+                owner._record(path, reply.status, [], received, encoding, len(body))
                 self._answer(reply.status, {"error": "scripted"}, reply.headers)
                 return
             try:
-                events = parse_payload(body, self.headers.get("Content-Encoding"))
+                events = parse_payload(body, encoding)
             except (ValueError, OSError, EOFError) as exc:
-                owner._record(path, 400, [])
+                owner._record(path, 400, [], received, encoding, len(body))
                 self._answer(400, {"error": f"invalid payload: {exc}"}, {})
                 return
-            owner._record(path, 200, events)
+            owner._record(path, 200, events, received, encoding, len(body))
             self._answer(200, {"status": "Ok"}, reply.headers)
 
         def do_GET(self) -> None:

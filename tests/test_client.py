@@ -1,0 +1,315 @@
+"""The event client against a real loopback collector: event shape, queueing, flush,
+shutdown, outages."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from task_scopes import (
+    Client,
+    HttpTransport,
+    InMemoryTransport,
+    identify_context,
+    new_context,
+    set_context_session,
+    tag,
+)
+from task_scopes import __version__ as version
+from task_scopes.testing import CaptureServer
+
+MakeClient = Callable[..., Client]
+
+
+@pytest.fixture
+def server() -> Iterator[CaptureServer]:
+    with CaptureServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def make_client(server: CaptureServer) -> Iterator[MakeClient]:
+    """Clients sending to ``server``; each is shut down after the test."""
+    clients: list[Client] = []
+
+    def make(**options: Any) -> Client:
+        options.setdefault("flush_interval", 0.05)
+        client = Client(options.pop("api_key", "phc_test"), server.url, **options)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.shutdown(timeout=0.5)
+
+
+def _consumer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "task_scopes-consumer"]
+
+
+def test_10000_captures_arrive_exactly_once_each(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    client = make_client()
+    uuids = [client.capture("bulk", properties={"n": n}) for n in range(10_000)]
+    assert client.flush(timeout=30) == 0
+    events = server.wait_for(10_000, timeout=10)
+    assert len(events) == 10_000
+    assert server.duplicates == 0
+    assert sorted(e["uuid"] for e in events) == sorted(uuids)  # type: ignore[type-var]
+    assert sorted(e["properties"]["n"] for e in events) == list(range(10_000))
+    assert sum(n for _, status, n in server.requests if status == 200) == 10_000
+    assert max(n for _, _, n in server.requests) <= client.flush_at
+    assert client.stats().delivered == 10_000
+
+
+def test_capture_returns_the_uuid_the_event_is_sent_with(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    client = make_client()
+    generated = client.capture("a")
+    given = client.capture("b", uuid="0191f1a4-0000-7000-8000-000000000001")
+    client.flush(timeout=10)
+    events = {e["event"]: e for e in server.wait_for(2)}
+    assert events["a"]["uuid"] == generated
+    assert events["b"]["uuid"] == given == "0191f1a4-0000-7000-8000-000000000001"
+
+
+def test_event_has_the_posthog_batch_shape_with_lib_and_version(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    client = make_client()
+    client.capture("shaped", distinct_id="user-1", timestamp="2024-01-02T03:04:05+00:00")
+    client.flush(timeout=10)
+    [event] = server.wait_for(1)
+    assert set(event) == {"event", "distinct_id", "properties", "timestamp", "uuid"}
+    assert event["timestamp"] == "2024-01-02T03:04:05+00:00"
+    assert event["properties"]["$lib"] == "task_scopes"
+    assert event["properties"]["$lib_version"] == version
+    assert "$process_person_profile" not in event["properties"]
+
+
+def test_event_without_any_distinct_id_is_personless(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    client = make_client()
+    with new_context(fresh=True):
+        client.capture("anonymous")
+        client.capture("anonymous")
+    client.flush(timeout=10)
+    events = server.wait_for(2)
+    for event in events:
+        assert event["properties"]["$process_person_profile"] is False
+        assert len(event["distinct_id"]) == 36 and event["distinct_id"].count("-") == 4
+    assert events[0]["distinct_id"] != events[1]["distinct_id"]
+
+
+def test_context_session_becomes_session_id_and_context_identity_the_distinct_id(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    client = make_client()
+    with new_context():
+        identify_context("user-1")
+        set_context_session("session-1")
+        tag("plan", "pro")
+        client.capture("in_context")
+        client.capture("explicit", distinct_id="user-2", properties={"$session_id": "s-2"})
+    client.flush(timeout=10)
+    events = {e["event"]: e for e in server.wait_for(2)}
+    assert events["in_context"]["distinct_id"] == "user-1"
+    assert events["in_context"]["properties"]["$session_id"] == "session-1"
+    assert events["in_context"]["properties"]["plan"] == "pro"
+    assert events["explicit"]["distinct_id"] == "user-2"
+    assert events["explicit"]["properties"]["$session_id"] == "s-2"
+
+
+def test_flush_sends_at_once_even_with_a_300_second_flush_interval(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    client = make_client(flush_interval=300)
+    client.capture("waiting")
+    started = time.monotonic()
+    assert client.flush(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert [e["event"] for e in server.events] == ["waiting"]
+
+
+def test_a_full_batch_is_sent_without_waiting_for_the_interval(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    client = make_client(flush_interval=300, flush_at=10)
+    for _ in range(10):
+        client.capture("tenth")
+    assert len(server.wait_for(10, timeout=5)) == 10
+
+
+def test_shutdown_stops_the_consumer_and_a_later_capture_starts_a_new_one(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    client = make_client(flush_interval=300)
+    client.capture("before")
+    consumer = client._consumer
+    assert consumer is not None and consumer.is_alive()
+    assert client.shutdown(timeout=10) == 0
+    assert not consumer.is_alive()
+    client.capture("after")
+    assert client.flush(timeout=10) == 0
+    assert [e["event"] for e in server.wait_for(2)] == ["before", "after"]
+    assert client._consumer is not None and client._consumer is not consumer
+
+
+def test_queue_full_drops_the_new_event_counts_it_and_logs_once(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # no wake-up before 300 s and batches of 1000: the consumer takes nothing meanwhile
+    client = make_client(flush_interval=300, flush_at=1000, max_queue_size=5)
+    with caplog.at_level(logging.WARNING, logger="task_scopes"):
+        results = [client.capture("e", properties={"n": n}) for n in range(8)]
+    assert all(r is not None for r in results[:5])
+    assert results[5:] == [None, None, None]
+    stats = client.stats()
+    assert (stats.queued, stats.dropped) == (5, 3)
+    full = [r for r in caplog.records if "queue full" in r.getMessage()]
+    assert len(full) == 1
+    queued = [e["properties"]["n"] for e in client._queue]
+    assert queued == [0, 1, 2, 3, 4]  # the new events were dropped, not the old
+
+
+def test_event_over_900_kib_is_dropped_and_counted_the_rest_is_sent(
+    server: CaptureServer, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = make_client(flush_interval=300)
+    with caplog.at_level(logging.WARNING, logger="task_scopes"):
+        client.capture("huge", properties={"blob": "x" * (901 * 1024)})
+        client.capture("small")
+        assert client.flush(timeout=10) == 0
+    assert [e["event"] for e in server.wait_for(1)] == ["small"]
+    assert client.stats().dropped == 1
+    assert client.stats().delivered == 1
+    [record] = [r for r in caplog.records if "huge" in r.getMessage()]
+    assert "xxxx" not in record.getMessage()  # the size is logged, not the payload
+
+
+def test_batches_stay_under_5_mib(server: CaptureServer, make_client: MakeClient) -> None:
+    client = make_client(flush_interval=300, gzip=False)
+    for _ in range(8):
+        client.capture("big", properties={"blob": "y" * (800 * 1024)})
+    assert client.flush(timeout=30) == 0
+    assert len(server.wait_for(8)) == 8
+    assert max(r.size for r in server.request_log) <= 5 * 1024 * 1024 + 1024
+    assert len(server.request_log) >= 2
+
+
+def test_before_send_can_modify_and_drop_events(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    def before_send(event: dict[str, Any]) -> dict[str, Any] | None:
+        if event["event"] == "secret":
+            return None
+        event["properties"]["scrubbed"] = True
+        return event
+
+    client = make_client(before_send=before_send)
+    assert client.capture("secret") is None
+    assert client.capture("public") is not None
+    client.flush(timeout=10)
+    [event] = server.wait_for(1)
+    assert event["event"] == "public"
+    assert event["properties"]["scrubbed"] is True
+    assert client.stats().dropped == 1
+
+
+def test_unserializable_property_values_become_null_instead_of_losing_the_event(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    client = make_client()
+    client.capture("odd", properties={"obj": object(), "data": b"\x00\x01"})
+    client.flush(timeout=10)
+    [event] = server.wait_for(1)
+    assert event["properties"]["obj"] is None
+    assert event["properties"]["data"] == "AAE="
+
+
+def test_with_the_collector_down_capture_is_immediate_and_flush_returns_in_about_1s(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    server.stop()
+    client = make_client(retry_window=3, flush_interval=300)
+    started = time.monotonic()
+    for _ in range(100):
+        assert client.capture("offline") is not None
+    assert time.monotonic() - started < 0.5  # 100 captures, no network wait
+    started = time.monotonic()
+    undelivered = client.flush(timeout=1)
+    elapsed = time.monotonic() - started
+    assert undelivered == 100
+    assert 0.9 <= elapsed < 1.5
+    assert server.events == []
+
+
+def test_shutdown_with_the_collector_down_returns_the_undelivered_count(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    server.stop()
+    client = make_client(retry_window=2, flush_interval=300)
+    for _ in range(7):
+        client.capture("offline")
+    started = time.monotonic()
+    assert client.shutdown(timeout=0.5) == 7
+    assert time.monotonic() - started < 1.0
+
+
+def test_an_outage_shorter_than_the_retry_window_loses_nothing(server: CaptureServer) -> None:
+    transport = HttpTransport("phc_test", server.url, retry_window=30, backoff_factor=0.05)
+    client = Client(transport=transport, flush_interval=300)
+    try:
+        client.capture("first")
+        assert client.flush(timeout=10) == 0
+        server.stop()  # also cuts the client's pooled keep-alive connection
+        for _ in range(20):
+            client.capture("during_outage")
+        assert client.flush(timeout=0.5) == 20
+        server.start()
+        assert client.flush(timeout=15) == 0
+        events = server.wait_for(21)
+        assert [e["event"] for e in events].count("during_outage") == 20
+        assert server.duplicates == 0
+        assert client.stats().failed == 0
+    finally:
+        client.shutdown(timeout=1)
+
+
+def test_a_batch_still_failing_after_the_retry_window_is_given_up_counted_and_logged(
+    server: CaptureServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.script(*[500] * 200)
+    transport = HttpTransport("phc_test", server.url, retry_window=0.5, backoff_factor=0.01)
+    client = Client(transport=transport, flush_interval=300)
+    try:
+        with caplog.at_level(logging.ERROR, logger="task_scopes"):
+            for _ in range(3):
+                client.capture("doomed")
+            assert client.flush(timeout=10) == 0
+        assert client.stats().failed == 3
+        assert server.events == []
+        assert any("500" in r.getMessage() and "3 events" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        client.shutdown(timeout=1)
+
+
+def test_consumer_threads_are_started_lazily_one_per_client() -> None:
+    transport = InMemoryTransport()
+    client = Client(transport=transport, flush_interval=300)
+    before = len(_consumer_threads())
+    assert client._consumer is None
+    for _ in range(50):
+        client.capture("e")
+    assert len(_consumer_threads()) == before + 1
+    client.shutdown(timeout=5)
+    assert len(transport.events) == 50
