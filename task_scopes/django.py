@@ -166,9 +166,7 @@ class ContextMiddleware:
         # A streamed body runs view code after this middleware returned; keep it scoped.
         # FileResponse only reads a file, and replacing its content would turn off the
         # server's sendfile path (wsgi.file_wrapper).
-        if isinstance(response, StreamingHttpResponse) and not isinstance(
-            response, FileResponse
-        ):
+        if isinstance(response, StreamingHttpResponse) and not isinstance(response, FileResponse):
             with guard("django streaming response"):
                 if response.is_async:
                     response.streaming_content = scoped_aiter(

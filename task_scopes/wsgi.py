@@ -98,9 +98,7 @@ class ContextMiddleware:
             mechanism="wsgi",
         )
 
-    def __call__(
-        self, environ: WSGIEnvironment, start_response: StartResponse
-    ) -> Iterable[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request_scope: RequestScope | None = None
         with guard("wsgi ContextMiddleware"):
             request_scope = self._open(environ)
@@ -137,4 +135,3 @@ class _ScopedResponse:
         if close is not None:
             with self._request_scope.activate():
                 close()
-
