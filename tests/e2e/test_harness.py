@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from task_scopes.testing import CaptureServer
+
 from .conftest import MakeProducer, StartWorker
 from .harness import Broker, labelled, wait_events
-from task_scopes.testing import CaptureServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
