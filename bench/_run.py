@@ -1,0 +1,263 @@
+"""One measurement of one configuration, in a process of its own; prints one JSON line.
+
+    python bench/_run.py publish --config task_scopes --calls 2000 --rounds 5
+    python bench/_run.py eager   --config posthog --tasks 3000 --collector URL --status URL
+    python bench/_run.py e2e     --config sentry --tasks 5000 --redis redis://127.0.0.1/14 ...
+
+Run by ``overhead.py``; see its docstring for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from _configs import build
+
+HERE = Path(__file__).resolve().parent
+
+
+def _events(status_url: str | None) -> int:
+    """Unique events the loopback receiver holds (its ``GET /`` answers ``{"events": n}``)."""
+    if not status_url:
+        return 0
+    with urllib.request.urlopen(status_url + "/", timeout=10) as response:
+        return int(json.load(response)["events"])
+
+
+def _wait_events(status_url: str | None, expected: int, *, quiet: float, deadline: float) -> int:
+    """Poll until ``expected`` events arrived, or none arrived for ``quiet`` seconds, or the
+    deadline (``time.monotonic()``) passed. Returns the count seen last."""
+    seen = _events(status_url)
+    changed = time.monotonic()
+    while seen < expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+        now_seen = _events(status_url)
+        if now_seen != seen:
+            seen, changed = now_seen, time.monotonic()
+        elif time.monotonic() - changed > quiet:
+            break
+    return seen
+
+
+def run_publish(args: argparse.Namespace) -> dict[str, Any]:
+    """µs per ``.delay()`` to the in-process ``memory://`` broker, inside the caller context.
+
+    ``--warmup`` calls first (excluded), then ``--rounds`` rounds of ``--calls`` calls; the
+    figure is the median round.
+    """
+    built = build(
+        args.config,
+        broker="memory://",
+        queue=f"bench-{uuid.uuid4().hex[:8]}",
+        collector_url=args.collector,
+        sentry_dsn=args.sentry_dsn,
+    )
+    delay = built.work.delay
+    rounds: list[float] = []
+    with built.caller_context():
+        for i in range(args.warmup):
+            delay(i)
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            for i in range(args.calls):
+                delay(i)
+            rounds.append((time.perf_counter() - start) / args.calls * 1e6)
+    return {"publish_us": statistics.median(rounds), "publish_rounds_us": rounds}
+
+
+def run_eager(args: argparse.Namespace) -> dict[str, Any]:
+    """µs per eager task (``task_always_eager``), the task capturing one event.
+
+    The clock runs over ``--tasks`` ``.delay()`` calls *plus one flush of the event client*,
+    so the background serialization and sending each event costs are in the figure; CPU
+    time of the whole process (all threads) over the same span is reported too.
+    """
+    built = build(
+        args.config,
+        broker="memory://",
+        queue=f"bench-{uuid.uuid4().hex[:8]}",
+        eager=True,
+        collector_url=args.collector,
+        sentry_dsn=args.sentry_dsn,
+    )
+    delay = built.work.delay
+    status = args.status if built.capture is not None else None
+    with built.caller_context():
+        for i in range(args.warmup):
+            delay(i)
+        built.flush()
+        before = _wait_events(status, args.warmup, quiet=2.0, deadline=time.monotonic() + 30)
+        cpu0 = time.process_time()
+        start = time.perf_counter()
+        for i in range(args.tasks):
+            delay(i)
+        built.flush()
+        elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu0
+    after = _wait_events(status, before + args.tasks, quiet=3.0, deadline=time.monotonic() + 60)
+    result: dict[str, Any] = {
+        "eager_us": elapsed / args.tasks * 1e6,
+        "eager_cpu_us": cpu / args.tasks * 1e6,
+    }
+    if built.capture is not None:
+        result["eager_captured"] = args.tasks
+        result["eager_delivered"] = after - before
+    return result
+
+
+def _cpu_seconds(proc: Any) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system + t.children_user + t.children_system)
+
+
+def _peak_rss(pid: int) -> int | None:
+    """The process's peak resident set (``VmHWM``) in bytes, or None off Linux."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _stop(worker: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown (SIGTERM), bounded; SIGKILL only if it does not end in 30 s."""
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(10)
+
+
+def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
+    """Throughput, worker CPU and peak RSS with a real ``celery worker -P solo`` on Redis.
+
+    The worker is started and warmed up with ``--warmup`` tasks (their events delivered)
+    before anything is measured. The clock starts at the first of ``--tasks`` publishes;
+    the worker stores its clock when the counter reaches ``--tasks``; the orchestrator
+    adds the arrival time of the last event at the receiver.
+    """
+    import psutil  # type: ignore[import-untyped]
+    import redis
+
+    rdb = redis.Redis.from_url(args.redis)
+    rdb.flushdb()
+    queue = f"bench-{args.config}-{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ)
+    env.update(
+        BENCH_CONFIG=args.config,
+        BENCH_BROKER=args.redis,
+        BENCH_QUEUE=queue,
+        BENCH_REDIS=args.redis,
+        BENCH_COLLECTOR=args.collector or "",
+        BENCH_SENTRY_DSN=args.sentry_dsn or "",
+        PYTHONPATH=os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH")) if p),
+    )
+    log = tempfile.NamedTemporaryFile(prefix="bench-worker-", suffix=".log", delete=False)  # noqa: SIM115
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "_worker_app", "worker", "-P", "solo",
+        "-Q", queue, "-n", f"{queue}@%h", "--loglevel", "WARNING",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+    worker = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        built = build(
+            args.config,
+            broker=args.redis,
+            queue=queue,
+            collector_url=args.collector,
+            sentry_dsn=args.sentry_dsn,
+            redis_url=args.redis,
+        )
+        delay = built.work.delay
+        instrumented = built.capture is not None
+        status = args.status if instrumented else None
+        proc = psutil.Process(worker.pid)
+        with built.caller_context():
+            for i in range(args.warmup):
+                delay(i, "warm", args.warmup)
+            deadline = time.monotonic() + 120
+            while rdb.get("warm:done") is None:
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker not ready; log in {log.name}")
+                time.sleep(0.02)
+            before = _wait_events(status, args.warmup, quiet=3.0, deadline=time.monotonic() + 30)
+            cpu0 = _cpu_seconds(proc)
+            start = time.perf_counter()
+            for i in range(args.tasks):
+                delay(i, "timed", args.tasks)
+            published = time.perf_counter()
+        rss_max = 0
+        deadline = time.monotonic() + max(120.0, args.tasks / 20)
+        seen, changed = _events(status), time.monotonic()
+        while time.monotonic() < deadline:
+            rss_max = max(rss_max, proc.memory_info().rss)
+            done = rdb.get("timed:done") is not None
+            now_seen = _events(status)
+            if now_seen != seen:
+                seen, changed = now_seen, time.monotonic()
+            if done and (seen >= before + args.tasks or time.monotonic() - changed > 3.0):
+                break
+            if worker.poll() is not None:
+                raise RuntimeError(f"worker exited; log in {log.name}")
+            time.sleep(0.02)
+        else:
+            done_count = int(rdb.get("timed") or 0)
+            raise RuntimeError(f"timed out: {done_count} tasks done; log in {log.name}")
+        cpu = _cpu_seconds(proc) - cpu0
+        peak = _peak_rss(worker.pid) or rss_max
+        done_at = float(rdb.get("timed:done") or "nan")
+    finally:
+        _stop(worker)
+    os.unlink(log.name)
+    result: dict[str, Any] = {
+        "e2e_start": start,
+        "e2e_published": published,
+        "e2e_tasks_done": done_at,
+        "e2e_tasks": args.tasks,
+        "worker_cpu_us": cpu / args.tasks * 1e6,
+        "worker_rss_mib": peak / 2**20,
+        "worker_rss_sampled_mib": rss_max / 2**20,
+    }
+    if instrumented:
+        result["e2e_events_before"] = before
+        result["e2e_captured"] = args.tasks
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("scenario", choices=("publish", "eager", "e2e"))
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--collector", help="PostHog-style capture host (loopback)")
+    parser.add_argument("--sentry-dsn")
+    parser.add_argument("--status", help="receiver URL answering GET / with event counts")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/14")
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tasks", type=int, default=5000)
+    args = parser.parse_args()
+    runner = {"publish": run_publish, "eager": run_eager, "e2e": run_e2e}[args.scenario]
+    result = runner(args)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

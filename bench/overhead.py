@@ -1,0 +1,294 @@
+"""What task_scopes costs per task, against bare Celery and against the peers, side by side.
+
+    python bench/overhead.py                 # full comparison, ~10 minutes on 2 cores
+    python bench/overhead.py --quick         # smoke run: 1 repetition, 500 tasks
+    python bench/overhead.py --json out.json
+
+Configurations (see ``_configs.py``): ``bare`` Celery, ``task_scopes``, and, when the
+``bench`` extra is installed, ``posthog`` (``PosthogCeleryIntegration``, lifecycle events
+off) and ``sentry`` (sentry-sdk ``CeleryIntegration``, traces off). Every measurement runs
+in a fresh subprocess; repetitions interleave the configurations, rotating their order.
+
+Figures (each subprocess reports one value; the table gives min / median / max over the
+repetitions and the ratio of medians to ``bare``):
+
+publish
+    µs per ``.delay()`` to the ``memory://`` broker, the caller inside a context with a
+    user, a session and three tags; warm-up excluded, median of 5 rounds.
+eager
+    µs per task with ``task_always_eager=True``, the task capturing one event, over the
+    calls plus one flush of the event client (so sending is included). ``bare`` runs the
+    same task body without the capture call. ``eager cpu`` is the process CPU time (all
+    threads) over the same span.
+e2e throughput
+    tasks/s through a real ``celery worker -P solo`` on the local Redis, from the first of
+    N publishes until the worker finished the N-th task *and* the last event reached the
+    loopback receiver. Each task increments a Redis counter (all configurations).
+worker cpu / worker peak rss
+    the worker's own CPU time (user + system, children included) per task over the same
+    span, after warm-up; its peak resident set (``VmHWM``).
+delivered
+    unique events at the receiver / events captured, eager and end to end.
+
+Receivers run in this process on loopback: ``task_scopes.testing.CaptureServer`` for
+PostHog's capture API (task_scopes and PostHog) and a small envelope counter for Sentry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from _configs import CONFIGS, available
+from _receivers import Receivers
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool = False
+    target: float | None = None  # on the ratio to bare, for task_scopes
+    percent: bool = False  # an absolute percentage, not a ratio
+
+    def meets(self, value: float) -> bool:
+        if self.target is None:
+            return True
+        return (
+            value >= self.target
+            if self.higher_is_better or self.percent
+            else (value <= self.target)
+        )
+
+
+FIGURES = (
+    Figure("publish_us", "publish", "µs/call", target=1.05),
+    Figure("eager_us", "eager, 1 capture", "µs/task", target=1.5),
+    Figure("eager_cpu_us", "eager cpu", "µs/task"),
+    Figure("e2e_tps", "e2e throughput", "tasks/s", higher_is_better=True, target=0.90),
+    Figure("worker_cpu_us", "worker cpu", "µs/task", target=1.15),
+    Figure("worker_rss_mib", "worker peak rss", "MiB", target=1.15),
+    Figure("eager_delivered_pct", "delivered, eager", "%", percent=True, target=100.0),
+    Figure("e2e_delivered_pct", "delivered, e2e", "%", percent=True, target=100.0),
+)
+
+
+def _run(scenario: str, config: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One subprocess measuring ``scenario`` for ``config``; returns its figures."""
+    with Receivers() as rx:
+        cmd = [
+            sys.executable, str(HERE / "_run.py"), scenario, "--config", config,
+            "--collector", rx.capture.url, "--sentry-dsn", rx.sentry.dsn,
+            "--status", rx.status_url(config), "--redis", args.redis,
+        ]  # fmt: skip
+        if scenario == "publish":
+            cmd += ["--calls", str(args.calls), "--rounds", str(args.rounds)]
+        elif scenario == "eager":
+            cmd += ["--tasks", str(args.eager_tasks)]
+        else:
+            cmd += ["--tasks", str(args.tasks)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"{scenario}/{config} failed ({done.returncode}):\n{done.stderr[-3000:]}"
+            )
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        delivered, last_arrival = rx.delivered(config)
+    if scenario == "eager" and "eager_captured" in result:
+        result["eager_delivered_pct"] = 100.0 * result["eager_delivered"] / result["eager_captured"]
+    if scenario == "e2e":
+        end = result["e2e_tasks_done"]
+        if "e2e_captured" in result:
+            got = delivered - result["e2e_events_before"]
+            result["e2e_delivered"] = got
+            result["e2e_delivered_pct"] = 100.0 * got / result["e2e_captured"]
+            if got and last_arrival is not None:
+                end = max(end, last_arrival)
+        result["e2e_seconds"] = end - result["e2e_start"]
+        result["e2e_tps"] = result["e2e_tasks"] / result["e2e_seconds"]
+    return result
+
+
+def _fmt(value: float) -> str:
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}"
+
+
+def summarize(
+    samples: dict[str, dict[str, list[float]]], configs: Sequence[str]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{figure: {config: {min, median, max, ratio?}}}`` from the per-run values."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for fig in FIGURES:
+        per = samples.get(fig.key, {})
+        rows: dict[str, dict[str, float]] = {}
+        base = per.get("bare")
+        for config in configs:
+            values = per.get(config)
+            if not values:
+                continue
+            row = {
+                "min": min(values),
+                "median": statistics.median(values),
+                "max": max(values),
+                "n": len(values),
+            }
+            if not fig.percent and base and config != "bare":
+                row["ratio"] = row["median"] / statistics.median(base)
+            rows[config] = row
+        if rows:
+            out[fig.key] = rows
+    return out
+
+
+def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The printed table: one block per figure, one line per configuration."""
+    head = (
+        f"{'figure':<18} {'unit':<8} {'config':<12} {'min':>9} {'median':>9} {'max':>9}"
+        f" {'vs bare':>8}  {'target':<10}"
+    )
+    lines = [head, "-" * len(head)]
+    for fig in FIGURES:
+        rows = summary.get(fig.key)
+        if not rows:
+            continue
+        first = True
+        for config, row in rows.items():
+            ratio = f"{row['ratio']:.2f}x" if "ratio" in row else ""
+            target = ""
+            if config == "task_scopes" and fig.target is not None:
+                if fig.percent:
+                    value, want = row["min"], f"{fig.target:.0f}%"
+                    target = f">= {want}" if fig.higher_is_better or fig.percent else want
+                else:
+                    value = row["ratio"]
+                    target = (">= " if fig.higher_is_better else "<= ") + f"{fig.target:.2f}x"
+                target += "  ok" if fig.meets(value) else "  MISSED"
+            label = fig.label if first else ""
+            unit = fig.unit if first else ""
+            lines.append(
+                f"{label:<18} {unit:<8} {config:<12} {_fmt(row['min']):>9} "
+                f"{_fmt(row['median']):>9} {_fmt(row['max']):>9} {ratio:>8}  {target}"
+            )
+            first = False
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Overhead of task_scopes against bare Celery and the peers."
+    )
+    parser.add_argument("--quick", action="store_true", help="1 repetition, 500 tasks")
+    parser.add_argument("--json", metavar="FILE", help="write samples and summary here")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 5)")
+    parser.add_argument("--tasks", type=int, default=None, help="e2e tasks (default 5000)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated")
+    parser.add_argument("--scenarios", default="publish,eager,e2e", help="comma-separated subset")
+    parser.add_argument(
+        "--redis",
+        default=os.environ.get("TASK_SCOPES_BENCH_REDIS", "redis://127.0.0.1:6379/14"),
+        help="Redis database of its own; it is FLUSHED before each end-to-end run",
+    )
+    args = parser.parse_args(argv)
+    reps = args.reps if args.reps is not None else (1 if args.quick else 5)
+    args.tasks = args.tasks if args.tasks is not None else (500 if args.quick else 5000)
+    args.eager_tasks = 500 if args.quick else 3000
+    args.calls = 500 if args.quick else 2000
+    args.rounds = 3 if args.quick else 5
+
+    configs: list[str] = []
+    for name in args.configs.split(","):
+        why = available(name)
+        if why is None:
+            configs.append(name)
+        else:
+            print(f"skipping {name}: {why}", file=sys.stderr)
+    if "bare" not in configs:
+        parser.error("the 'bare' configuration is required (ratios are to it)")
+    scenarios = args.scenarios.split(",")
+
+    started = time.monotonic()
+    samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    runs: list[dict[str, Any]] = []
+    for rep in range(reps):
+        order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
+        for scenario in scenarios:
+            for config in order:
+                t0 = time.monotonic()
+                result = _run(scenario, config, args)
+                runs.append({"rep": rep, "scenario": scenario, "config": config, **result})
+                for fig in FIGURES:
+                    if fig.key in result:
+                        samples[fig.key][config].append(float(result[fig.key]))
+                shown = {k: round(v, 1) for k, v in result.items() if k in _SHOWN}
+                print(
+                    f"[rep {rep + 1}/{reps}] {scenario:<7} {config:<12} "
+                    f"{time.monotonic() - t0:5.1f}s {shown}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    summary = summarize(samples, configs)
+    elapsed = time.monotonic() - started
+    print(
+        f"\ntask_scopes overhead: {reps} repetition(s), {args.tasks} e2e tasks, "
+        f"{args.eager_tasks} eager tasks, {args.rounds}x{args.calls} publishes; "
+        f"medians of per-process figures; ratio = median / bare median\n"
+    )
+    print(table(summary))
+    print(
+        f"\n{platform.python_implementation()} {platform.python_version()}, "
+        f"{_versions()}, {os.cpu_count()} CPUs, {elapsed / 60:.1f} min"
+    )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "argv": sys.argv[1:],
+                    "reps": reps,
+                    "tasks": args.tasks,
+                    "configs": configs,
+                    "versions": _versions(),
+                    "elapsed_s": elapsed,
+                    "summary": summary,
+                    "runs": runs,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+_SHOWN = {f.key for f in FIGURES}
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for dist in ("celery", "kombu", "task_scopes", "posthog", "sentry-sdk"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
