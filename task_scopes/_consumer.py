@@ -108,7 +108,9 @@ class Consumer(threading.Thread):
             self.taken += 1
             try:
                 item = _dumps(event)
-            except (TypeError, ValueError) as exc:
+            except Exception as exc:  # one bad event must not take its batch down with it
+                # TypeError/ValueError (circular), RecursionError (nested too deep), or
+                # whatever a property's own __str__ raised
                 self.dropped += 1
                 self._log.log(
                     logging.WARNING,
@@ -117,7 +119,16 @@ class Consumer(threading.Thread):
                     type(exc).__name__,
                 )
                 continue
-            n = len(item.encode()) if not item.isascii() else len(item)
+            if item.isascii():
+                n = len(item)
+            else:
+                try:
+                    n = len(item.encode())
+                except UnicodeEncodeError:
+                    # lone surrogates (os.fsdecode of undecodable bytes) are not UTF-8:
+                    # send "?" in their place rather than lose the event
+                    item = item.encode("utf-8", "replace").decode()
+                    n = len(item.encode())
             if n > MAX_EVENT_BYTES:
                 self.dropped += 1
                 self._log.warning(

@@ -82,6 +82,19 @@ class _WindowRetry(Retry):
             return True
         return bool(super().is_exhausted())
 
+    def sleep_for_retry(self, response: Any) -> bool:
+        """Wait what ``Retry-After`` asks, but no longer than what is left of the window:
+        a collector answering ``Retry-After: 3600`` must not park the consumer for an
+        hour while ``capture()`` fills the queue."""
+        retry_after = self.get_retry_after(response)
+        if not retry_after:  # absent or 0: the exponential backoff applies (as urllib3)
+            return False
+        if self._first_failure is not None:
+            left = self.window - (time.monotonic() - self._first_failure)
+            retry_after = min(retry_after, max(left, 0.0))
+        time.sleep(retry_after)
+        return True
+
 
 class HttpTransport:
     """POSTs batches to ``{host}/batch/`` in PostHog's capture format over ``requests``.

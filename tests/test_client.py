@@ -235,6 +235,38 @@ def test_unserializable_property_values_become_null_instead_of_losing_the_event(
     assert event["properties"]["data"] == "AAE="
 
 
+def test_lone_surrogates_are_replaced_and_the_rest_of_the_batch_is_kept(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    client = make_client(flush_interval=300)
+    client.capture("before")
+    client.capture("surrogate", properties={"path": "caf\udce9.txt"})
+    client.capture("after")
+    assert client.flush(timeout=10) == 0
+    events = {e["event"]: e for e in server.wait_for(3)}
+    assert set(events) == {"before", "surrogate", "after"}
+    assert events["surrogate"]["properties"]["path"] == "caf?.txt"
+    assert client.stats().delivered == 3
+
+
+def test_an_event_nested_too_deep_to_serialize_is_dropped_alone(
+    server: CaptureServer, make_client: MakeClient
+) -> None:
+    nested: dict[str, Any] = {}
+    inner = nested
+    for _ in range(100_000):
+        inner["x"] = {}
+        inner = inner["x"]
+    client = make_client(flush_interval=300)
+    client.capture("before")
+    client.capture("too_deep", properties={"nested": nested})
+    client.capture("after")
+    assert client.flush(timeout=10) == 0
+    assert [e["event"] for e in server.wait_for(2)] == ["before", "after"]
+    stats = client.stats()
+    assert (stats.delivered, stats.dropped) == (2, 1)
+
+
 def test_with_the_collector_down_capture_is_immediate_and_flush_returns_in_about_1s(
     server: CaptureServer, make_client: MakeClient
 ) -> None:

@@ -63,6 +63,17 @@ def test_500_500_429_with_retry_after_then_200_delivers_everything_once(
     assert client.stats().delivered == 50
 
 
+def test_a_retry_after_longer_than_the_retry_window_is_cut_to_the_window(
+    server: CaptureServer,
+) -> None:
+    server.script((429, {"Retry-After": "3600"}))
+    transport = HttpTransport(API_KEY, server.url, retry_window=1.0)
+    assert transport.send(_events(2)) == 0
+    first, second = server.request_log
+    assert 0.9 <= second.received - first.received < 2.0
+    assert len(server.events) == 2
+
+
 @pytest.mark.parametrize("status", [408, 502, 503, 504])
 def test_other_transient_statuses_are_retried(server: CaptureServer, status: int) -> None:
     server.script(status)
