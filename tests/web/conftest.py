@@ -10,6 +10,7 @@ from celery import Celery
 from django.conf import settings
 
 import task_scopes
+import task_scopes.celery
 
 from .support import Orders
 
@@ -34,6 +35,7 @@ def orders() -> Iterator[Orders]:
     app = Celery("web-tests", broker="memory://", set_as_current=False)
     app.conf.task_always_eager = True
     app.conf.task_eager_propagates = True
+    task_scopes.celery.install(app)
 
     @app.task(name="web_tests.place_order", shared=False)
     def place_order(order_id: str) -> str | None:
@@ -44,4 +46,7 @@ def orders() -> Iterator[Orders]:
     # (one of them sees a task whose request_stack is still None).
     app.finalize(auto=True)
     assert place_order.request_stack is not None
-    yield Orders(app, place_order)
+    try:
+        yield Orders(app, place_order)
+    finally:
+        task_scopes.celery.uninstall(app)

@@ -44,3 +44,10 @@ class Orders:
                 assert len(mine) == 1, (name, user, events)
                 assert mine[0]["distinct_id"] == user["distinct_id"], mine[0]
                 assert mine[0]["properties"]["$session_id"] == user["session_id"], mine[0]
+            (task_event,) = [
+                e
+                for e in events
+                if e["event"] == "order placed" and e["properties"]["order_id"] == user["order"]
+            ]
+            # Captured inside the task, which the Celery plugin scoped and tagged.
+            assert task_event["properties"]["celery_task_name"] == "web_tests.place_order"
