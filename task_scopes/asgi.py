@@ -13,7 +13,7 @@ Only ``http`` connections are scoped; ``lifespan`` and ``websocket`` pass throug
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import quote
 
@@ -30,17 +30,15 @@ ASGIApp = Callable[[ASGIScope, Receive, Send], Awaitable[None]]
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
-def _find_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None
+def _header_map(scope: ASGIScope) -> dict[bytes, bytes]:
+    """Lower-cased header name -> value; the first of repeated headers wins."""
+    return {key.lower(): value for key, value in reversed(list(scope.get("headers") or ()))}
 
 
-def _request_url(scope: ASGIScope) -> str:
+def _request_url(scope: ASGIScope, headers: Mapping[bytes, bytes]) -> str:
     """Absolute URL of an HTTP scope, built the way ``wsgiref.util.request_uri`` does."""
     scheme = scope.get("scheme") or "http"
-    host_header = _find_header(scope.get("headers") or (), b"host")
+    host_header = headers.get(b"host")
     if host_header:
         host = host_header.decode("latin-1")
     else:
@@ -106,14 +104,14 @@ class ContextMiddleware:
         )
 
     def _open(self, scope: ASGIScope) -> RequestScope:
-        headers = scope.get("headers") or ()
+        headers = _header_map(scope)
 
         def get_header(name: str) -> bytes | None:
-            return _find_header(headers, name.lower().encode("latin-1"))
+            return headers.get(name.lower().encode("latin-1"))
 
         url: str | None = None
         with guard("asgi request url"):
-            url = _request_url(scope)
+            url = _request_url(scope, headers)
         return self.options.open(
             scope, get_header=get_header, url=url, method=scope.get("method"), mechanism="asgi"
         )

@@ -14,7 +14,7 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import StreamingResponse
 
 import task_scopes
-from task_scopes.asgi import ContextMiddleware
+from task_scopes.asgi import ContextMiddleware, _header_map, _request_url
 from task_scopes.testing import CapturedEvents
 
 from .support import USERS, Orders
@@ -370,3 +370,36 @@ async def _never() -> MutableMapping[str, Any]:
 
 async def _discard(message: MutableMapping[str, Any]) -> None:
     pass
+
+
+@pytest.mark.parametrize(
+    ("scope", "url"),
+    [
+        (
+            {
+                "scheme": "https",
+                "server": ("shop.example", 443),
+                "root_path": "/api",
+                "path": "/a b",
+                "query_string": b"x=1",
+                "headers": [],
+            },
+            "https://shop.example/api/a%20b?x=1",
+        ),
+        (
+            {"scheme": "http", "server": ("10.0.0.1", 8000), "path": "/", "headers": []},
+            "http://10.0.0.1:8000/",
+        ),
+        (
+            {
+                "scheme": "http",
+                "server": ("10.0.0.1", 8000),
+                "path": "/p",
+                "headers": [(b"Host", b"shop.example"), (b"host", b"second.example")],
+            },
+            "http://shop.example/p",
+        ),
+    ],
+)
+def test_current_url_is_built_from_the_asgi_scope(scope: dict[str, Any], url: str) -> None:
+    assert _request_url(scope, _header_map(scope)) == url
