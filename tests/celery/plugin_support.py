@@ -49,13 +49,16 @@ def in_thread_worker(app: Celery, pool: str = "solo", concurrency: int = 1) -> I
 
     The app's current/default-app changes the worker makes are undone afterwards.
     """
-    with setup_default_app(app), start_worker(
-        app,
-        pool=pool,
-        concurrency=concurrency,
-        perform_ping_check=False,
-        shutdown_timeout=30.0,
-    ) as worker:
+    with (
+        setup_default_app(app),
+        start_worker(
+            app,
+            pool=pool,
+            concurrency=concurrency,
+            perform_ping_check=False,
+            shutdown_timeout=30.0,
+        ) as worker,
+    ):
         try:
             yield worker
         finally:

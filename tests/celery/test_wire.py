@@ -225,7 +225,8 @@ def test_keys_over_200_characters_are_dropped_and_named() -> None:
 
 
 def test_string_values_are_cut_to_1000_characters() -> None:
-    header, dropped = encode(None, None, {"s": "a" * 5000, "l": ["b" * 1500], "d": {"x": "c" * 1001}})
+    tags = {"s": "a" * 5000, "l": ["b" * 1500], "d": {"x": "c" * 1001}}
+    header, dropped = encode(None, None, tags)
     assert dropped == []
     assert _tags(header) == {"s": "a" * 1000, "l": ["b" * 1000], "d": {"x": "c" * 1000}}
 
