@@ -13,6 +13,12 @@ another thread or task writes through the top-level API (a thread pool run with 
 context, tasks made by ``asyncio.gather``) the scope is forked first, so siblings never see
 each other's writes (copy-on-write). Every enter and exit is a ContextVar set/reset: O(1) in
 the depth of nesting, no parent chain.
+
+The copy is made by the writer that is not the owner, so it protects the parent from its
+children and siblings from each other. The owner itself writes in place: a child that has
+not written yet still reads its parent's scope, including what the parent sets after
+spawning it. A child that must not see that opens its own ``new_context()`` (or writes)
+before the parent changes anything.
 """
 
 from __future__ import annotations

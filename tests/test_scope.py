@@ -241,6 +241,28 @@ def test_a_task_writing_in_a_context_copied_from_its_parent_leaves_the_parent_al
     assert asyncio.run(main()) == {"k": "parent"}
 
 
+def test_a_task_that_opened_its_own_context_no_longer_sees_later_parent_writes() -> None:
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        tag("k", "before")
+        started, go = asyncio.Event(), asyncio.Event()
+
+        async def child() -> dict[str, Any]:
+            with new_context():
+                started.set()
+                await go.wait()
+                return get_tags()
+
+        task = asyncio.create_task(child())
+        await started.wait()
+        tag("k", "after")
+        go.set()
+        return await task, get_tags()
+
+    child_tags, parent_tags = in_empty_context(lambda: asyncio.run(main()))
+    assert child_tags == {"k": "before"}
+    assert parent_tags == {"k": "after"}
+
+
 def _assert_each_event_is_its_own(events: list[dict[str, Any]], parent_tag: bool) -> None:
     assert len(events) == N
     for event in events:
@@ -328,10 +350,15 @@ async def _task_identify_then_capture(i: int, state: dict[str, Any]) -> None:
     capture("work")
 
 
-@pytest.mark.parametrize("enclosing", ["none", "new_context_per_task", "tagged_parent"])
+@pytest.mark.parametrize(
+    "enclosing",
+    ["none", "new_context_per_task", "tagged_parent", "tagged_parent_in_new_context"],
+)
 def test_50_asyncio_tasks_each_capture_with_their_own_distinct_id(
     enclosing: str, captured: CapturedEvents
 ) -> None:
+    tagged_parent = enclosing.startswith("tagged_parent")
+
     async def task(i: int, state: dict[str, Any]) -> None:
         if enclosing == "new_context_per_task":
             with new_context():
@@ -339,17 +366,23 @@ def test_50_asyncio_tasks_each_capture_with_their_own_distinct_id(
         else:
             await _task_identify_then_capture(i, state)
 
-    async def main() -> tuple[str | None, dict[str, Any]]:
-        if enclosing == "tagged_parent":
+    async def spawn() -> tuple[str | None, dict[str, Any]]:
+        if tagged_parent:
             identify_context("parent")
             tag("origin", "parent")
         state: dict[str, Any] = {"identified": 0, "all": asyncio.Event()}
         await asyncio.gather(*(task(i, state) for i in range(N)))
         return get_context_distinct_id(), get_tags()
 
+    async def main() -> tuple[str | None, dict[str, Any]]:
+        if enclosing == "tagged_parent_in_new_context":
+            with new_context():
+                return await spawn()
+        return await spawn()
+
     parent_id, parent_tags = in_empty_context(lambda: asyncio.run(main()))
-    _assert_each_event_is_its_own(captured.events, parent_tag=enclosing == "tagged_parent")
-    if enclosing == "tagged_parent":
+    _assert_each_event_is_its_own(captured.events, parent_tag=tagged_parent)
+    if tagged_parent:
         assert parent_id == "parent"
         assert parent_tags == {"origin": "parent"}
 
