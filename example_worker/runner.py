@@ -160,7 +160,8 @@ class Demo:
         self.run_id = uuid.uuid4().hex[:8]
         self.queue = f"shop-demo-{self.run_id}"
         self.sessions = {s.name: uuid7() for s in SHOPPERS}
-        self.broker = args.broker or "filesystem://"
+        # A hostname, though the transport ignores it: kombu warns when there is none.
+        self.broker = args.broker or "filesystem://localhost/"
         self.backend = _backend_for(args.broker, folder)
         self.server: CaptureServer | None = None
         self.worker: subprocess.Popen[bytes] | None = None
