@@ -21,9 +21,16 @@ from typing import Any
 from . import _api
 from ._client import Client
 from ._transport import InMemoryTransport
-from .collector import CaptureServer, Reply
+from .collector import CaptureServer, Reply, RequestRecord
 
-__all__ = ["CaptureServer", "CapturedEvents", "InMemoryTransport", "Reply", "capture_events"]
+__all__ = [
+    "CaptureServer",
+    "CapturedEvents",
+    "InMemoryTransport",
+    "Reply",
+    "RequestRecord",
+    "capture_events",
+]
 
 
 class CapturedEvents:
