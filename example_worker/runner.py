@@ -273,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency < 1 or args.timeout <= 0:
         parser.error("--concurrency and --timeout must be positive")
     with tempfile.TemporaryDirectory(prefix="task_scopes-demo-") as tmp:
-        return _run(args, Path(tmp))
+        try:
+            return _run(args, Path(tmp))
+        except KeyboardInterrupt:  # the worker was stopped on the way out
+            _say("interrupted")
+            return 130
 
 
 def _run(args: argparse.Namespace, folder: Path) -> int:
@@ -348,7 +352,7 @@ def _run(args: argparse.Namespace, folder: Path) -> int:
     finally:
         if demo.worker is not None and demo.worker.poll() is None:
             _stop_worker(demo.worker)
-        if args.broker is not None:
+        if args.broker is not None and demo.worker is not None:
             _delete_queue(app, demo.queue)
         task_scopes.shutdown(timeout=5.0)
         if demo.server is not None:
