@@ -149,10 +149,15 @@ class Consumer(threading.Thread):
 
     def wait_idle(self, timeout: float | None) -> int:
         """Block until nothing is queued or in flight, or ``timeout`` seconds passed
-        (None waits forever). Returns the number of events still undelivered."""
+        (None waits forever).
+
+        Returns the number of events still undelivered: those queued or in flight now,
+        plus those given up or dropped while waiting.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         self.wake()
         with self.cv:
+            lost_before = self.failed + self.dropped
             while self.pending():
                 if not self.is_alive():
                     break
@@ -161,4 +166,4 @@ class Consumer(threading.Thread):
                     break
                 self.cv.wait(remaining if remaining is None else min(remaining, 0.5))
                 self.wake()
-            return self.pending()
+            return self.pending() + self.failed + self.dropped - lost_before
