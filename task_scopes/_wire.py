@@ -117,7 +117,9 @@ def json_default(value: Any) -> Any:
 
 # -- header encoding ----------------------------------------------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Control characters, and lone surrogates (os.fsdecode() of undecodable bytes, or JSON
+# escapes like "\ud800"), which UTF-8 cannot carry.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _DECODE_LIMIT = 256 * 1024  # refuse to parse anything larger, whatever the cap says
 
 
@@ -199,20 +201,22 @@ def clean_tags(
         if not isinstance(key, str):
             dropped.append(repr(key)[:50])
             continue
+        if not key.isprintable():  # clean first: "\x00celery_x" must not pass as "celery_x"
+            key = _CONTROL.sub("", key)
         if not _propagated(key):
             continue
         if len(key) > limits.max_key_chars:
             dropped.append(key[:50] + "...")
             continue
         if type(value) is str:
-            out[_clean_str(key, limits.max_key_chars)] = _clean_str(value, limits.max_value_chars)
+            out[key] = _clean_str(value, limits.max_value_chars)
             continue
         try:
             coerced = coerce(value, allow_bytes=limits.encode_bytes)
         except Unencodable:
             dropped.append(key)
             continue
-        out[_clean_str(key, limits.max_key_chars)] = _clean(coerced, limits.max_value_chars)
+        out[key] = _clean(coerced, limits.max_value_chars)
     return out, dropped
 
 
@@ -266,6 +270,14 @@ def encode(
         if not clean:
             payload.pop("t", None)
         header = _dumps(payload)
+    # IDs alone over the cap: leave them out rather than cut them. A cut distinct ID would
+    # attribute the task's events to somebody else; none makes them personless.
+    for field_name, label in (("s", "$session_id"), ("d", "$distinct_id")):
+        if len(header.encode()) <= limits.max_bytes:
+            break
+        if payload.pop(field_name, None) is not None:
+            dropped.append(label)
+            header = _dumps(payload)
     return header, dropped
 
 
@@ -298,7 +310,13 @@ def decode(
     if secret is not None:
         if not isinstance(signature, str):
             raise WireError("signature missing")
-        if not hmac.compare_digest(sign(header, secret), signature):
+        if not signature.isascii():  # compare_digest() raises TypeError on non-ASCII str
+            raise WireError("signature is not hex")
+        try:
+            expected = sign(header, secret)
+        except UnicodeEncodeError as exc:  # lone surrogates: cannot have been signed
+            raise WireError("header is not UTF-8") from exc
+        if not hmac.compare_digest(expected, signature):
             raise WireError("signature mismatch")
     try:
         payload = json.loads(header)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery import _state
 from celery.exceptions import Ignore, Reject, Retry
 
 from .. import _api
@@ -62,16 +63,23 @@ class _Registry:
         app = getattr(task, "app", None) if task is not None else None
         return self.apps.get(app) if app is not None else None
 
-    def for_publish(self) -> Installed | None:
-        # before_task_publish carries no app; with several installed apps the current
-        # app's options win, else the last installed.
-        if len(self.apps) > 1:
-            from celery import current_app
+    def for_publish(self, task_name: Any) -> Installed | None:
+        """The options for publishing ``task_name``, or None when its app is not installed.
 
-            found = self.apps.get(current_app._get_current_object())
+        ``before_task_publish`` does not say which app publishes. The app that registers
+        the task decides; a task no app registers (``send_task("name")``) goes with the
+        current app if it is installed, else the last installed one.
+        """
+        registering = [
+            app for app in _state._get_active_apps() if task_name in getattr(app, "_tasks", ())
+        ]
+        for app in registering:
+            found = self.apps.get(app)
             if found is not None:
                 return found
-        return self.last
+        if registering:
+            return None
+        return self.apps.get(_state.get_current_app()) or self.last
 
 
 REGISTRY = _Registry()
@@ -155,11 +163,11 @@ def _caller_context() -> tuple[str | None, str | None, dict[str, Any]]:
 # -- publish -------------------------------------------------------------------------------
 
 
-def _on_before_task_publish(headers: Any = None, **_: Any) -> None:
+def _on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
     if not REGISTRY.apps or not isinstance(headers, dict):
         return
     with guard("before_task_publish"):
-        installed = REGISTRY.for_publish()
+        installed = REGISTRY.for_publish(headers.get("task", sender))
         if installed is None or not installed.options.propagate:
             return
         distinct_id, session_id, tags = _caller_context()
@@ -231,8 +239,14 @@ def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
         request = task.request
         if getattr(request, "is_eager", False):
             # Eager: the task runs in the caller's own contextvars.Context. Fork the
-            # caller's scope; postrun resets it so nothing leaks back.
+            # caller's scope (minus an outer task's celery_* tags); postrun resets it so
+            # nothing leaks back.
             isolation, current = _fork_active()
+            for scope in (isolation, current):
+                if any(key.startswith("celery_") for key in scope._tags):
+                    scope._tags = {
+                        k: v for k, v in scope._tags.items() if not k.startswith("celery_")
+                    }
         else:
             isolation, current = Scope(), Scope()
         _apply(isolation, _restore(installed, carried_headers(request), request.id))

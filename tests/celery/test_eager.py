@@ -165,11 +165,6 @@ def test_caller_is_unchanged_after_nested_eager_tasks(tasks: Tasks) -> None:
     assert seen() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_signals._on_task_prerun (eager) forks the caller's scope with its celery_* tags: "
-    "a nested eager task without a routing key reports the outer task's celery_queue",
-)
 @pytest.mark.usefixtures("caller")
 def test_nested_eager_task_reports_no_celery_tag_of_the_outer_task(tasks: Tasks) -> None:
     got = tasks.outer.apply_async(routing_key="orders").get()

@@ -218,11 +218,6 @@ def test_max_header_bytes_setting_caps_the_header(app: Celery) -> None:
     assert len(headers["task_scopes"].encode()) <= 512
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_signals._Registry.for_publish returns the last installed app's options when a "
-    "single app is installed, so tasks of an app that was never installed get a header too",
-)
 def test_an_app_that_is_not_installed_gets_no_header(app: Celery) -> None:
     other = make_app("publish_other")
     with installed(other):
