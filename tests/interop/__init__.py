@@ -1,0 +1,1 @@
+"""Interop with the real ``posthog`` package, through a real worker on Redis."""
