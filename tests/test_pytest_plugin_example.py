@@ -6,6 +6,8 @@ task_scopes is enough, nothing to import or register.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
@@ -20,7 +22,6 @@ from task_scopes.testing import CapturedEvents
 app = Celery("shop", broker="memory://", backend="cache+memory://", set_as_current=False)
 app.conf.task_always_eager = True
 app.conf.task_default_queue = "shop-example"
-task_scopes.celery.install(app)
 
 
 @app.task(name="shop.send_receipt", shared=False)
@@ -37,6 +38,15 @@ def checkout(user_id: str, order_id: str) -> object:
 
 
 # -- the tests ------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def instrumented_app() -> Iterator[None]:
+    # A project installs the plugin where it defines its app; a test suite that also
+    # installs and uninstalls other apps is safer doing it per test.
+    task_scopes.celery.install(app)
+    yield
+    task_scopes.celery.uninstall(app)
 
 
 def test_checkout_and_its_task_are_attributed_to_the_user(
