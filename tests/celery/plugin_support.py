@@ -63,9 +63,12 @@ def in_thread_worker(app: Celery, pool: str = "solo", concurrency: int = 1) -> I
             yield worker
         finally:
             # start_worker sets this and joins the thread, which sits in a 2 s blocking
-            # drain; set it first and hand the consumer a message so it returns at once.
+            # drain; set it first and hand the consumer messages so it returns at once.
+            # Two: celery.worker.loops.synloop drains once more after maybe_shutdown()
+            # raised (try/finally), and that drain needs a message too.
             worker_state.should_terminate = 0
-            app.tasks[f"{app.main}._wake"].delay()
+            for _ in range(2):
+                app.tasks[f"{app.main}._wake"].delay()
 
 
 def raw_headers(app: Celery, queue: str) -> dict[str, Any]:

@@ -260,8 +260,9 @@ def test_untrusted_header_gives_an_empty_context_and_a_warning(
     options: dict[str, Any],
 ) -> None:
     reinstall(**options)
-    with caplog.at_level(logging.WARNING, logger="task_scopes"), task_scopes.new_context(
-        fresh=True
+    with (
+        caplog.at_level(logging.WARNING, logger="task_scopes"),
+        task_scopes.new_context(fresh=True),
     ):
         result = app.tasks["inthread.report"].apply_async(headers=headers)
         got = result.get(timeout=WAIT, interval=0.005)
@@ -290,8 +291,9 @@ def test_non_ascii_forged_signature_gives_an_empty_context(
 def test_bad_header_warnings_are_rate_limited(
     app: Celery, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="task_scopes"), task_scopes.new_context(
-        fresh=True
+    with (
+        caplog.at_level(logging.WARNING, logger="task_scopes"),
+        task_scopes.new_context(fresh=True),
     ):
         for _ in range(5):
             run(app, "inthread.report", headers={"task_scopes": "{not json"})
