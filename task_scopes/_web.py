@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from . import _api
 from ._internal import guard
 from ._scope import Scope, _Tokens, enter_scope, exit_scope
+from ._wire import _CONTROL  # the one definition of "control character" (Cc, surrogates)
 
 __all__ = [
     "DEFAULT_DISTINCT_ID_HEADER",
@@ -41,8 +42,6 @@ MAX_ID_CHARS = 200
 # event of that request (and the task headers it publishes) huge.
 MAX_URL_CHARS = 2_000
 
-# C0 controls, DEL and C1 controls: Unicode category Cc.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 # RFC 9110 token characters: what a header field name may be made of.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
@@ -65,17 +64,20 @@ def clean_header_value(raw: str | bytes | None, max_chars: int = MAX_ID_CHARS) -
         return None
     if isinstance(raw, str):
         try:
-            data = raw.encode("latin-1")
+            text = _decode(raw.encode("latin-1"))
         except UnicodeEncodeError:  # already real text (some servers decode for us)
-            data = raw.encode("utf-8")
+            text = raw
     else:
-        data = raw
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = data.decode("latin-1")
+        text = _decode(raw)
     text = _CONTROL.sub("", text).strip()[:max_chars].strip()
     return text or None
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
 
 
 def _check_header_name(value: object, key: str) -> str:

@@ -16,6 +16,8 @@ from task_scopes._web import MAX_ID_CHARS, WebOptions, clean_header_value
         ("us\x00er\x1b[31m-1\x7f", "user[31m-1"),
         ("user\x85-1\x9f", "user-1"),  # C1 controls as a WSGI latin-1 str
         ("user\r\n-1", "user-1"),
+        ("user\ud800-1", "user-1"),  # a lone surrogate cannot be sent on as UTF-8
+        ("jürgen-例", "jürgen-例"),  # a str that is already text, not latin-1 bytes
         ("\x00\x01 \x02", None),
         ("", None),
         (None, None),
