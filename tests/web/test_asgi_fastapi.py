@@ -145,7 +145,7 @@ def test_concurrent_requests_are_attributed_to_their_own_users(
         (event,) = [
             e
             for e in events
-            if e["event"] == "order placed" and e["properties"]["order_id"] == user["order"]
+            if e["event"] == "request handled" and e["properties"]["order_id"] == user["order"]
         ]
         assert event["properties"]["$current_url"] == f"{BASE}/orders/{user['order']}"
         assert event["properties"]["$request_method"] == "GET"
@@ -210,7 +210,8 @@ def test_missing_headers_give_personless_events_and_fresh_context(
         assert props["$process_person_profile"] is False
         assert "$session_id" not in props
         assert "caller_tag" not in props
-        assert props["$current_url"] == f"{BASE}/orders/o-anon?x=1"
+    (request_event,) = captured_events.named("request handled")
+    assert request_event["properties"]["$current_url"] == f"{BASE}/orders/o-anon?x=1"
     assert task_scopes.get_context_distinct_id() is None
 
 

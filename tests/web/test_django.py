@@ -173,7 +173,7 @@ def test_concurrent_sync_requests_are_attributed_to_their_own_users(
         (event,) = [
             e
             for e in events
-            if e["event"] == "order placed" and e["properties"]["order_id"] == user["order"]
+            if e["event"] == "request handled" and e["properties"]["order_id"] == user["order"]
         ]
         assert event["properties"]["$current_url"] == f"{BASE}/orders/{user['order']}"
         assert event["properties"]["$request_method"] == "GET"

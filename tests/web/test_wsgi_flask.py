@@ -114,7 +114,7 @@ def test_concurrent_requests_on_a_real_server_are_attributed_to_their_own_users(
         (event,) = [
             e
             for e in events
-            if e["event"] == "order placed" and e["properties"]["order_id"] == user["order"]
+            if e["event"] == "request handled" and e["properties"]["order_id"] == user["order"]
         ]
         assert event["properties"]["$request_method"] == "GET"
         assert event["properties"]["$current_url"] == f"{base}/orders/{user['order']}"
@@ -156,7 +156,8 @@ def test_missing_headers_give_personless_events(
         (event,) = captured_events.named(name)
         assert event["properties"]["$process_person_profile"] is False
         assert "$session_id" not in event["properties"]
-        assert event["properties"]["$current_url"] == "http://localhost/orders/o-anon"
+    (request_event,) = captured_events.named("request handled")
+    assert request_event["properties"]["$current_url"] == "http://localhost/orders/o-anon"
 
 
 def test_context_never_leaks_to_the_caller_or_the_next_request(orders: Orders) -> None:
