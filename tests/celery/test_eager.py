@@ -64,6 +64,18 @@ def tasks() -> Iterator[Tasks]:
     def fail() -> None:
         raise KeyError("no such order")
 
+    @app.task(
+        name="eager.autoretry",
+        shared=False,
+        bind=True,
+        autoretry_for=(ConnectionError,),
+        max_retries=2,
+        retry_kwargs={"countdown": 0},
+    )
+    def autoretry(self: Task) -> None:
+        task_scopes.capture("attempt", properties={"attempt": self.request.retries})
+        raise ConnectionError(f"attempt {self.request.retries}")
+
     task_scopes.celery.install(app)
     try:
         yield Tasks(app, report, meddle, outer, fail)
@@ -231,3 +243,18 @@ def test_many_eager_tasks_leave_the_caller_exactly_as_it_was(tasks: Tasks) -> No
         tasks.meddle.delay()
     assert task_scopes.get_isolation_scope() is isolation
     assert seen() == before
+
+
+@pytest.mark.usefixtures("caller")
+def test_eager_autoretry_sees_the_caller_each_attempt_and_is_captured_once(
+    tasks: Tasks, captured_events: CapturedEvents
+) -> None:
+    result = tasks.app.tasks["eager.autoretry"].delay()
+    assert isinstance(result.result, ConnectionError)
+    attempts = captured_events.named("attempt")
+    assert [e["properties"]["attempt"] for e in attempts] == [0, 1, 2]
+    assert [e["properties"]["celery_retry_count"] for e in attempts] == [0, 1, 2]
+    assert all(e["distinct_id"] == "user-1" for e in attempts)
+    [event] = captured_events.named("$exception")
+    assert event["properties"]["$exception_message"] == "attempt 2"
+    assert event["distinct_id"] == "user-1"
