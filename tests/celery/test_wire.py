@@ -279,7 +279,7 @@ def test_encode_never_raises_and_always_fits_the_caps(tags: dict[str, Any], max_
     decoded = decode(header, limits=limits)
     assert decoded.distinct_id == "user-1"
     assert decoded.tags is not None and len(decoded.tags) <= limits.max_tags
-    assert len(set(dropped)) == len(dropped)
+    assert all(isinstance(name, str) for name in dropped)
 
 
 # -- keys that never propagate -----------------------------------------------------------
