@@ -56,7 +56,6 @@ def wire_seen(request: Any) -> dict[str, Any]:
     return {
         "attr": sorted(n for n in names if getattr(request, n, None) is not None),
         "headers": sorted(n for n in names if headers.get(n) is not None),
-        "nested": isinstance(headers.get("headers"), dict),
     }
 
 
