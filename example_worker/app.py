@@ -61,6 +61,9 @@ app.conf.update(
 )
 if broker_url.startswith("filesystem://") and os.environ.get("SHOP_BROKER_FOLDER"):
     app.conf.broker_transport_options = _filesystem_options(os.environ["SHOP_BROKER_FOLDER"])
+    # kombu's own filesystem transport can lose a message to a consumer polling the
+    # folder while it is being written: see example_worker/_filesystem.py.
+    app.conf.broker_transport = "example_worker._filesystem:Transport"
 
 # task_scopes: every task_scopes_* key is read once by install(); see `task_scopes.celery`.
 app.conf.task_scopes_api_key = os.environ.get("SHOP_POSTHOG_API_KEY") or None
