@@ -138,6 +138,15 @@ def _tail(path: Path, lines: int = 25) -> list[str]:
     return ["  | " + line for line in text[-lines:]]
 
 
+def _worker_said(path: Path) -> list[str]:
+    """task_scopes' own warnings in the worker's log (undelivered events, dropped tags)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line.split("] ", 1)[-1] for line in lines if "task_scopes:" in line]
+
+
 def _delete_queue(app: Any, queue: str) -> None:
     """Remove this run's queue from a shared broker (Redis, RabbitMQ); best effort."""
     try:
@@ -345,6 +354,9 @@ def _run(args: argparse.Namespace, folder: Path) -> int:
             if lost:
                 _say(f"lost: {lost} expected events never reached the collector")
             _say(*("  " + line for line in check.problems(verdict)))
+            said = _worker_said(demo.worker_log)
+            if said:
+                _say("the worker logged:", *("  " + line for line in said))
             if demo.worker.returncode not in (0, None) or (early and "worker" in early):
                 _say("worker log (last lines):", *_tail(demo.worker_log))
         _say(check.counts(verdict))
@@ -368,8 +380,7 @@ def _finish_remote(demo: Demo, results: Mapping[str, Mapping[str, Any]], host: s
     code = _stop_worker(demo.worker)
     left = task_scopes.flush(timeout=10.0)
     stats = task_scopes.get_client().stats()
-    log = demo.worker_log.read_text(errors="replace") if demo.worker_log.exists() else ""
-    undelivered = [line for line in log.splitlines() if "undelivered" in line]
+    undelivered = _worker_said(demo.worker_log)
     _say(
         f"sent to {host}: arrival cannot be verified from here; look for the distinct IDs "
         "user_alice, user_bob and user_carol in PostHog.",
