@@ -192,8 +192,9 @@ def clean_tags(
     """Tags as they may travel: JSON-safe, control characters stripped, capped.
 
     Returns ``(tags, dropped)``: the propagated tags and the keys dropped because they
-    could not be encoded or their key was too long. ``celery_*`` and ``$`` keys are left
-    out silently (they never propagate).
+    could not be encoded, their key was too long, or cleaning made it equal to an earlier
+    key (the first one is kept). ``celery_*`` and ``$`` keys are left out silently (they
+    never propagate).
     """
     out: dict[str, Any] = {}
     dropped: list[str] = []
@@ -208,16 +209,37 @@ def clean_tags(
         if len(key) > limits.max_key_chars:
             dropped.append(key[:50] + "...")
             continue
+        if key in out:  # "plan" and "plan\x00" collapse into one key
+            dropped.append(key)
+            continue
         if type(value) is str:
             out[key] = _clean_str(value, limits.max_value_chars)
             continue
         try:
             coerced = coerce(value, allow_bytes=limits.encode_bytes)
-        except Unencodable:
+        except Exception:  # Unencodable, or a user type whose isoformat()/str() raises
             dropped.append(key)
             continue
         out[key] = _clean(coerced, limits.max_value_chars)
     return out, dropped
+
+
+def _dumps_dropping(payload: dict[str, Any], dropped: list[str]) -> str:
+    """``_dumps(payload)``; tags JSON cannot write (ints over CPython's 4,300-digit
+    limit, say) are dropped one by one and named, rather than losing the whole context."""
+    try:
+        return _dumps(payload)
+    except (ValueError, TypeError, RecursionError):
+        tags = payload.get("t", {})
+        for key in list(tags):
+            try:
+                _dumps(tags[key])
+            except (ValueError, TypeError, RecursionError):
+                del tags[key]
+                dropped.append(key)
+        if not tags:
+            payload.pop("t", None)
+        return _dumps(payload)
 
 
 def encode(
@@ -242,7 +264,7 @@ def encode(
         payload["s"] = sid
     if clean:
         payload["t"] = clean
-    header = _dumps(payload)
+    header = _dumps_dropping(payload, dropped)
     if len(clean) <= limits.max_tags and (
         len(header) <= limits.max_bytes and len(header.encode()) <= limits.max_bytes
     ):

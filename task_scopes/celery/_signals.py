@@ -31,7 +31,6 @@ from .._wire import (
     Limits,
     WireContext,
     WireError,
-    clean_tags,
     encode,
     sign,
 )
@@ -180,25 +179,31 @@ def _on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) -
         if options.secret is not None:
             headers[SIG_HEADER] = sign(header, options.secret)
         if options.posthog_headers:
-            _write_posthog_headers(headers, distinct_id, session_id, tags, installed.limits)
+            _write_posthog_headers(headers, header)
         if dropped:
             _warn_dropped(dropped, installed.limits)
 
 
-def _write_posthog_headers(
-    headers: dict[str, Any],
-    distinct_id: str | None,
-    session_id: str | None,
-    tags: Mapping[str, Any],
-    limits: Limits,
-) -> None:
-    if distinct_id is not None:
-        headers[POSTHOG_DISTINCT_ID] = distinct_id
-    if session_id is not None:
-        headers[POSTHOG_SESSION_ID] = session_id
-    clean, _ = clean_tags(tags, limits)
-    if clean:
-        headers[POSTHOG_TAGS] = json.dumps(clean, separators=(",", ":"), ensure_ascii=False)
+def _write_posthog_headers(headers: dict[str, Any], header: str) -> None:
+    """PostHog's ``X-POSTHOG-*`` headers, from our header: cleaned and capped the same way.
+
+    Top level, like ours. A nested ``headers["headers"]`` dict is never created (it makes
+    ``retry()`` drop top-level headers), but when another library already made one
+    (sentry-sdk does inside a transaction), Celery shows PostHog's worker only that dict
+    as ``request.headers``, so the values are copied into it too.
+    """
+    payload = json.loads(header)
+    values: dict[str, str] = {}
+    if "d" in payload:
+        values[POSTHOG_DISTINCT_ID] = payload["d"]
+    if "s" in payload:
+        values[POSTHOG_SESSION_ID] = payload["s"]
+    if payload.get("t"):
+        values[POSTHOG_TAGS] = json.dumps(payload["t"], separators=(",", ":"), ensure_ascii=False)
+    headers.update(values)
+    nested = headers.get("headers")
+    if isinstance(nested, dict):
+        nested.update(values)
 
 
 # -- worker: open and close the task's isolation scope ------------------------------------
@@ -239,13 +244,16 @@ def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
         request = task.request
         if getattr(request, "is_eager", False):
             # Eager: the task runs in the caller's own contextvars.Context. Fork the
-            # caller's scope (minus an outer task's celery_* tags); postrun resets it so
-            # nothing leaks back.
+            # caller's scope, keeping only what the header would carry (no celery_* or
+            # $ keys), so eager and worker runs give the same events; postrun resets it
+            # so nothing leaks back.
             isolation, current = _fork_active()
             for scope in (isolation, current):
-                if any(key.startswith("celery_") for key in scope._tags):
+                if any(key.startswith(("celery_", "$")) for key in scope._tags):
                     scope._tags = {
-                        k: v for k, v in scope._tags.items() if not k.startswith("celery_")
+                        k: v
+                        for k, v in scope._tags.items()
+                        if not k.startswith(("celery_", "$"))
                     }
         else:
             isolation, current = Scope(), Scope()

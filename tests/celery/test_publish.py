@@ -224,11 +224,6 @@ def test_an_app_that_is_not_installed_gets_no_header(app: Celery) -> None:
         assert "task_scopes" not in publish_as_user(app)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_signals._write_posthog_headers writes X-POSTHOG-CONTEXT-TAGS from clean_tags() "
-    "alone: no 64-tag or max_header_bytes cap (hundreds of KiB; RabbitMQ loses such a message)",
-)
 def test_posthog_tags_header_is_capped_like_ours(app: Celery) -> None:
     task_scopes.celery.install(app, posthog_headers=True)
     with task_scopes.new_context(fresh=True):
@@ -240,11 +235,6 @@ def test_posthog_tags_header_is_capped_like_ours(app: Celery) -> None:
     assert len(headers["X-POSTHOG-CONTEXT-TAGS"].encode()) <= 8192
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_signals._write_posthog_headers writes the raw distinct and session IDs: no "
-    "control-character stripping, no length cap (a 200 KB ID goes out as is)",
-)
 def test_posthog_id_headers_are_cleaned_and_capped_like_ours(app: Celery) -> None:
     task_scopes.celery.install(app, posthog_headers=True)
     with task_scopes.new_context(fresh=True):
