@@ -1,7 +1,8 @@
 """A loopback collector that speaks PostHog's capture API, for local work and tests.
 
 ``python -m task_scopes.collector --port 8000 --out events.jsonl`` accepts ``POST /batch/``
-and ``POST /i/v0/e/`` (gzip or plain JSON) as PostHog does, validates the payload shape,
+and ``POST /i/v0/e/`` (gzip or plain JSON) as PostHog does, and PostHog's capture v1
+``POST /i/v1/analytics/events`` (bearer key; gzip or deflate), validates the payload shape,
 de-duplicates by event UUID and writes one JSON event per line. It binds to 127.0.0.1
 only. It is not a replacement for PostHog in production.
 
@@ -19,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ from typing import Any, NamedTuple, TextIO
 __all__ = ["CaptureServer", "Reply", "RequestRecord", "main"]
 
 _PATHS = ("/batch", "/batch/", "/i/v0/e", "/i/v0/e/", "/capture", "/capture/", "/e", "/e/")
+# PostHog's capture v1 (posthog>=7, capture_mode="v1"): bearer key, per-event results.
+_V1_PATHS = ("/i/v1/analytics/events", "/i/v1/analytics/events/")
 _MAX_BODY = 20 * 1024 * 1024
 
 
@@ -91,9 +95,7 @@ def parse_payload(body: bytes, content_encoding: str | None) -> list[dict[str, A
     Raises:
         ValueError: not gzip/JSON, no ``api_key``, or an event of the wrong shape.
     """
-    if content_encoding == "gzip" or body[:2] == b"\x1f\x8b":
-        body = gzip.decompress(body)
-    payload = json.loads(body)
+    payload = json.loads(_decompress(body, content_encoding))
     if not isinstance(payload, dict):
         raise ValueError("payload is not an object")
     if not isinstance(payload.get("api_key") or payload.get("token"), str):
@@ -105,6 +107,49 @@ def parse_payload(body: bytes, content_encoding: str | None) -> list[dict[str, A
         problem = _validate_event(event)
         if problem:
             raise ValueError(problem)
+    return events
+
+
+def _decompress(body: bytes, content_encoding: str | None) -> bytes:
+    if content_encoding == "gzip" or body[:2] == b"\x1f\x8b":
+        return gzip.decompress(body)
+    if content_encoding == "deflate":
+        return zlib.decompress(body)
+    if content_encoding not in (None, "", "identity"):
+        raise ValueError(f"unsupported Content-Encoding {content_encoding!r}")
+    return body
+
+
+def parse_v1_payload(
+    body: bytes, content_encoding: str | None, authorization: str | None
+) -> list[dict[str, Any]]:
+    """Decode a PostHog capture v1 request into events of the ``/batch/`` shape
+    (``session_id`` / ``window_id`` moved back to ``$session_id`` / ``$window_id``).
+
+    Raises:
+        ValueError: no ``Authorization: Bearer`` key, bad encoding or JSON, or an event of
+            the wrong shape.
+    """
+    if not authorization or not authorization.startswith("Bearer ") or not authorization[7:]:
+        raise ValueError("Authorization: Bearer <api key> missing")
+    payload = json.loads(_decompress(body, content_encoding))
+    if not isinstance(payload, dict) or not isinstance(payload.get("batch"), list):
+        raise ValueError("batch missing")
+    events = []
+    for item in payload["batch"]:
+        if not isinstance(item, dict):
+            raise ValueError("event is not an object")
+        event = dict(item)
+        props = event.get("properties")
+        props = dict(props) if isinstance(props, dict) else props
+        for wire_key, prop_key in (("session_id", "$session_id"), ("window_id", "$window_id")):
+            if wire_key in event and isinstance(props, dict):
+                props[prop_key] = event.pop(wire_key)
+        event["properties"] = props
+        problem = _validate_event(event)
+        if problem:
+            raise ValueError(problem)
+        events.append(event)
     return events
 
 
@@ -342,7 +387,8 @@ def _make_handler(owner: CaptureServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             body = self.rfile.read(length)
-            if path not in _PATHS:
+            v1 = path in _V1_PATHS
+            if path not in _PATHS and not v1:
                 owner._record(path, 404, [], received, encoding, len(body))
                 self._answer(404, {"error": "not found"}, {})
                 return
@@ -354,13 +400,20 @@ def _make_handler(owner: CaptureServer) -> type[BaseHTTPRequestHandler]:
                 self._answer(reply.status, {"error": "scripted"}, reply.headers)
                 return
             try:
-                events = parse_payload(body, encoding)
-            except (ValueError, OSError, EOFError) as exc:
+                if v1:
+                    events = parse_v1_payload(body, encoding, self.headers.get("Authorization"))
+                else:
+                    events = parse_payload(body, encoding)
+            except (ValueError, OSError, EOFError, zlib.error) as exc:
                 owner._record(path, 400, [], received, encoding, len(body))
                 self._answer(400, {"error": f"invalid payload: {exc}"}, {})
                 return
             owner._record(path, 200, events, received, encoding, len(body))
-            self._answer(200, {"status": "Ok"}, reply.headers)
+            if v1:
+                results = {e.get("uuid"): {"result": "ok"} for e in events if e.get("uuid")}
+                self._answer(200, {"results": results}, reply.headers)
+            else:
+                self._answer(200, {"status": "Ok"}, reply.headers)
 
         def do_GET(self) -> None:
             self._answer(200, {"status": "ok", "events": len(owner.events)}, {})

@@ -257,11 +257,6 @@ def test_without_posthog_headers_a_posthog_worker_sees_no_context(
     assert not set(TAGS) & set(props)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="task_scopes writes X-POSTHOG-* at the top level only; when the message already "
-    "has a nested headers dict, Celery gives PostHog's worker that dict as request.headers",
-)
 def test_posthog_worker_sees_the_context_when_the_message_has_a_nested_headers_dict(
     start_worker: StartWorker,
     task_scopes_producer: Celery,
@@ -285,11 +280,6 @@ def test_posthog_worker_sees_the_context_when_the_message_has_a_nested_headers_d
     assert_attributed(event, "ts-user-4", "ts-session-4")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the collector accepts PostHog's /batch/ and /i/v0/e/, not the opt-in capture v1 "
-    "endpoint /i/v1/analytics/events (posthog>=7: capture_mode='v1' or POSTHOG_CAPTURE_MODE)",
-)
 def test_collector_accepts_posthogs_capture_v1_requests(capture_server: CaptureServer) -> None:
     client = posthog.Posthog(
         project_api_key=ph_worker_app.API_KEY,
