@@ -26,23 +26,23 @@ from kombu.utils.json import dumps
 __all__ = ["Channel", "Transport"]
 
 
-class Channel(filesystem.Channel):  # type: ignore[misc]
+class Channel(filesystem.Channel):
     """The filesystem channel whose ``_put`` renames a complete file into place."""
 
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+    def _put(self, queue: Any, message: Any, **kwargs: Any) -> None:
         # Same name as kombu's, so its consumers (and ours) read it unchanged.
         name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         partial = final + ".part"  # "<queue>.msg.part": kombu's _get skips it
         try:
             with open(partial, "wb") as handle:
-                handle.write(str_to_bytes(dumps(payload)))
+                handle.write(str_to_bytes(dumps(message)))  # type: ignore[no-untyped-call]
             os.replace(partial, final)
         except OSError as exc:
             raise ChannelError(f"Cannot add file {final!r} to directory") from exc
 
 
-class Transport(filesystem.Transport):  # type: ignore[misc]
+class Transport(filesystem.Transport):
     """``filesystem://`` with :class:`Channel`."""
 
     Channel = Channel
