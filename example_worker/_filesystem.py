@@ -29,14 +29,15 @@ __all__ = ["Channel", "Transport"]
 class Channel(filesystem.Channel):
     """The filesystem channel whose ``_put`` renames a complete file into place."""
 
-    def _put(self, queue: Any, message: Any, **kwargs: Any) -> None:
+    # kombu names this argument "payload" here and "message" in AbstractChannel.
+    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         # Same name as kombu's, so its consumers (and ours) read it unchanged.
         name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         partial = final + ".part"  # "<queue>.msg.part": kombu's _get skips it
         try:
             with open(partial, "wb") as handle:
-                handle.write(str_to_bytes(dumps(message)))  # type: ignore[no-untyped-call]
+                handle.write(str_to_bytes(dumps(payload)))  # type: ignore[no-untyped-call]
             os.replace(partial, final)
         except OSError as exc:
             raise ChannelError(f"Cannot add file {final!r} to directory") from exc
