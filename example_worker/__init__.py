@@ -12,4 +12,5 @@ Modules:
     plan     the shoppers and, explicitly, the events each one must produce
     check    matching received events against the plan; the table
     runner   the command line: broker, collector, worker, requests, verdict
+    _filesystem  kombu's filesystem:// transport with atomic message writes (demo broker)
 """
