@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
-from uuid import uuid4
 
 from ._consumer import Consumer
 from ._exceptions import exception_list, mark_captured
@@ -26,6 +27,27 @@ Event = dict[str, Any]
 BeforeSend = Callable[[Event], "Event | None"]
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
+_CAPTURE_GUARD = guard("capture")
+_getrandbits = random.getrandbits  # reseeded after os.fork() by the random module
+
+
+def uuid7() -> str:
+    """A new UUIDv7 string (RFC 9562): 48-bit Unix milliseconds, then 74 random bits.
+
+    Time-ordered, as PostHog prefers for event UUIDs, and about four times cheaper than
+    ``str(uuid.uuid4())``, which reads ``os.urandom`` and builds a ``UUID`` per call. The
+    collector de-duplicates on it, which needs uniqueness, not unpredictability.
+    """
+    rand = _getrandbits(74)
+    value = (
+        (time.time_ns() // 1_000_000) << 80
+        | 0x7 << 76
+        | (rand >> 62) << 64
+        | 0x2 << 62
+        | (rand & 0x3FFF_FFFF_FFFF_FFFF)
+    )
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class ClientStats(NamedTuple):
@@ -151,7 +173,7 @@ class Client:
             distinct_id: overrides the scopes' distinct ID for this event.
             properties: event properties; they win over tags of the same name.
             timestamp: when it happened (aware datetime or ISO 8601); default now, UTC.
-            uuid: event UUID (str); default a new UUID4. The collector dedupes on it.
+            uuid: event UUID (str); default a new UUIDv7. The collector dedupes on it.
 
         Returns:
             The event UUID, or None when the client is disabled or dropped the event (the
@@ -160,7 +182,7 @@ class Client:
         if self.disabled:
             self._log.log(logging.DEBUG, "task_scopes: client disabled; event not sent")
             return None
-        with guard("capture"):
+        with _CAPTURE_GUARD:
             ctx_distinct_id, session_id, props = merged_context()
             if properties:
                 props.update(properties)
@@ -169,7 +191,7 @@ class Client:
             if distinct_id is None:
                 distinct_id = ctx_distinct_id
             if distinct_id is None:
-                distinct_id = str(uuid4())
+                distinct_id = uuid7()
                 props.setdefault("$process_person_profile", False)
             props["$lib"] = "task_scopes"
             props["$lib_version"] = __version__
@@ -179,7 +201,7 @@ class Client:
                 ts = timestamp.isoformat()
             else:
                 ts = str(timestamp)
-            uid = uuid if uuid is not None else str(uuid4())
+            uid = uuid if uuid is not None else uuid7()
             message: Event = {
                 "event": event,
                 "distinct_id": str(distinct_id),

@@ -96,6 +96,21 @@ class _WindowRetry(Retry):
         return True
 
 
+class _QuietConsumerRetries(logging.Filter):
+    """Drops urllib3's per-attempt "Retrying (...)" warnings logged from our consumer
+    thread; the transport logs a rate-limited line of its own when it gives up. Records
+    from the host application's threads pass untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno <= logging.WARNING
+            and threading.current_thread().name.startswith("task_scopes-consumer")
+        )
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_QuietConsumerRetries())
+
+
 class HttpTransport:
     """POSTs batches to ``{host}/batch/`` in PostHog's capture format over ``requests``.
 

@@ -212,8 +212,12 @@ def clean_tags(
         if key in out:  # "plan" and "plan\x00" collapse into one key
             dropped.append(key)
             continue
-        if type(value) is str:
+        kind = type(value)
+        if kind is str:
             out[key] = _clean_str(value, limits.max_value_chars)
+            continue
+        if kind is int or kind is bool or value is None:  # int over 4,300 digits: see below
+            out[key] = value
             continue
         try:
             coerced = coerce(value, allow_bytes=limits.encode_bytes)

@@ -29,23 +29,28 @@ __all__ = ["CARRIED", "carried_headers", "read_context", "task_tags"]
 CARRIED = (HEADER, SIG_HEADER, POSTHOG_DISTINCT_ID, POSTHOG_SESSION_ID, POSTHOG_TAGS)
 
 
-def _lookup(request: Any, name: str) -> Any:
-    """A top-level header as Celery exposes it: an attribute of the request (first run and
-    every retry), else ``request.headers[name]`` (eager ``apply(headers=...)``, other
-    producers)."""
-    value = getattr(request, name, None)
-    if value is None:
-        headers = getattr(request, "headers", None)
-        if isinstance(headers, Mapping):
-            value = headers.get(name)
-    return value
+def _fields(request: Any) -> Mapping[str, Any]:
+    """The request's attributes as a mapping: ``Context`` keeps them in ``__dict__``, and
+    reading that avoids an ``AttributeError`` raised and caught per missing header."""
+    fields = getattr(request, "__dict__", None)
+    return fields if isinstance(fields, dict) else {}
 
 
 def carried_headers(request: Any) -> dict[str, Any]:
-    """The context-carrying headers present on ``request`` (a small dict to keep)."""
+    """The context-carrying headers present on ``request`` (a small dict to keep).
+
+    A top-level header is an attribute of the request (first run and every retry); else
+    it is looked up in ``request.headers`` (eager ``apply(headers=...)``, other producers).
+    """
+    fields = _fields(request)
+    headers = fields.get("headers")
+    if not isinstance(headers, Mapping):
+        headers = None
     found = {}
     for name in CARRIED:
-        value = _lookup(request, name)
+        value = fields.get(name)
+        if value is None and headers is not None:
+            value = headers.get(name)
         if value is not None:
             found[name] = value
     return found
@@ -80,17 +85,18 @@ def read_context(
 def task_tags(task: Any, request: Any) -> dict[str, Any]:
     """The tags describing this execution: ``celery_task_id``, ``celery_task_name``,
     ``celery_queue``, ``celery_retry_count``, ``celery_hostname`` (when known)."""
+    fields = _fields(request)
     tags: dict[str, Any] = {
-        "celery_task_id": getattr(request, "id", None),
+        "celery_task_id": fields.get("id"),
         "celery_task_name": getattr(task, "name", None),
-        "celery_retry_count": getattr(request, "retries", 0) or 0,
+        "celery_retry_count": fields.get("retries") or 0,
     }
-    delivery_info = getattr(request, "delivery_info", None)
+    delivery_info = fields.get("delivery_info")
     if isinstance(delivery_info, Mapping):
         queue = delivery_info.get("routing_key")
         if queue:
             tags["celery_queue"] = queue
-    hostname = getattr(request, "hostname", None)
+    hostname = fields.get("hostname")
     if hostname:
         tags["celery_hostname"] = hostname
     return tags

@@ -39,6 +39,10 @@ from ._request import CARRIED, carried_headers, read_context, task_tags
 __all__ = ["REGISTRY", "Installed"]
 
 _RUN_ATTR = "_task_scopes_run"
+# Guards of the per-task paths, made once (a guard holds no per-use state).
+_GUARD_BEFORE_TASK_PUBLISH = guard("before_task_publish")
+_GUARD_TASK_PRERUN = guard("task_prerun")
+_GUARD_TASK_POSTRUN = guard("task_postrun")
 _NOT_CAPTURED = (Retry, Ignore, Reject)
 
 
@@ -165,7 +169,7 @@ def _caller_context() -> tuple[str | None, str | None, dict[str, Any]]:
 def _on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
     if not REGISTRY.apps or not isinstance(headers, dict):
         return
-    with guard("before_task_publish"):
+    with _GUARD_BEFORE_TASK_PUBLISH:
         installed = REGISTRY.for_publish(headers.get("task", sender))
         if installed is None or not installed.options.propagate:
             return
@@ -240,7 +244,7 @@ def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
     installed = REGISTRY.for_task(task)
     if installed is None:
         return
-    with guard("task_prerun"):
+    with _GUARD_TASK_PRERUN:
         request = task.request
         if getattr(request, "is_eager", False):
             # Eager: the task runs in the caller's own contextvars.Context. Fork the
@@ -275,7 +279,7 @@ def _on_task_postrun(task: Any = None, sender: Any = None, state: Any = None, **
     run: _Run | None = getattr(request, _RUN_ATTR, None)
     if run is None:
         return
-    with guard("task_postrun"):
+    with _GUARD_TASK_POSTRUN:
         try:
             if state == "SUCCESS" and run.installed.options.task_events and _wanted(
                 run.installed, task
