@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -120,7 +121,7 @@ def _delete_queue(broker: Broker) -> None:
 
 @pytest.fixture
 def make_producer(capture_server: CaptureServer) -> Iterator[MakeProducer]:
-    """Factory: ``make_producer(broker, plugin=True, settings={...}) -> Celery``.
+    """Factory: ``make_producer(broker, plugin=True, backend=False, settings={...}) -> Celery``.
 
     The producer is this test process, with the same tasks as the worker. With ``plugin``
     it runs ``task_scopes.celery.install(app)`` with the collector as host (which makes
@@ -129,7 +130,11 @@ def make_producer(capture_server: CaptureServer) -> Iterator[MakeProducer]:
     apps: list[tuple[Celery, bool]] = []
 
     def make(
-        broker: Broker, *, plugin: bool = True, settings: dict[str, Any] | None = None
+        broker: Broker,
+        *,
+        plugin: bool = True,
+        backend: bool = False,
+        settings: dict[str, Any] | None = None,
     ) -> Celery:
         conf: dict[str, Any] = {}
         if plugin:
@@ -140,7 +145,10 @@ def make_producer(capture_server: CaptureServer) -> Iterator[MakeProducer]:
             )
         conf.update(settings or {})
         app = worker_app.make_app(
-            broker.url, queue=broker.queue, backend=broker.redis_url, settings=conf
+            broker.url,
+            queue=broker.queue,
+            backend=broker.redis_url if backend else None,
+            settings=conf,
         )
         if plugin:
             from task_scopes.celery import install
@@ -151,11 +159,18 @@ def make_producer(capture_server: CaptureServer) -> Iterator[MakeProducer]:
 
     yield make
 
+    # AsyncResults left unreferenced unsubscribe from the Redis backend when collected:
+    # let that happen now, before the backend's connections are closed.
+    gc.collect()
     for app, plugin in reversed(apps):
         if plugin:
             from task_scopes.celery import uninstall
 
             uninstall(app)
+        if app.conf.result_backend:
+            # The Redis result backend keeps its own pool; left open it warns (-W error).
+            app.backend.result_consumer.stop()
+            app.backend.client.connection_pool.disconnect()
         app.close()
     if any(plugin for _, plugin in apps):
         # Flushes the client install() created, and leaves a disabled one for later tests.

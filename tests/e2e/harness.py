@@ -13,13 +13,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import task_scopes
 from task_scopes.testing import CaptureServer
 
 from . import worker_app
@@ -290,3 +292,25 @@ def wait_for_value(
         # Polling an external counter: there is nothing to block on.
         time.sleep(0.2)
         value = read()
+
+
+@contextmanager
+def producer_context(
+    distinct_id: str,
+    session_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> Iterator[None]:
+    """A fresh context of the producer (this test process), as a web request would open."""
+    with task_scopes.new_context(fresh=True):
+        task_scopes.identify_context(distinct_id)
+        if session_id is not None:
+            task_scopes.set_context_session(session_id)
+        for key, value in (tags or {}).items():
+            task_scopes.tag(key, value)
+        yield
+
+
+def props(event: Event) -> dict[str, Any]:
+    """The properties of an event."""
+    properties: dict[str, Any] = event["properties"]
+    return properties

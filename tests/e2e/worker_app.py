@@ -15,6 +15,7 @@ import gc
 import json
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -72,6 +73,7 @@ def _report(task: Task, event: str, label: str, **extra: Any) -> None:
             "user_header_attr": getattr(request, USER_HEADER, None),
             "user_header_headers": headers.get(USER_HEADER) if isinstance(headers, dict) else None,
             "pid": os.getpid(),
+            "thread": threading.current_thread().name,
             **extra,
         },
     )
