@@ -352,15 +352,25 @@ def decode(
         raise WireError("header is not a JSON object")
     if payload.get("v") != VERSION:
         raise WireError(f"unknown header version {payload.get('v')!r}")
-    distinct_id = payload.get("d")
-    session_id = payload.get("s")
     tags = payload.get("t", {})
-    if distinct_id is not None and not isinstance(distinct_id, str):
-        raise WireError("distinct ID is not a string")
-    if session_id is not None and not isinstance(session_id, str):
-        raise WireError("session ID is not a string")
     if not isinstance(tags, dict):
         raise WireError("tags are not an object")
+    return _received(payload.get("d"), payload.get("s"), tags, limits, "distinct ID", "session ID")
+
+
+def _received(
+    distinct_id: Any,
+    session_id: Any,
+    tags: Mapping[str, Any],
+    limits: Limits,
+    distinct_id_name: str,
+    session_id_name: str,
+) -> WireContext:
+    """Check the ID types of a received context, then clean and cap it like ours."""
+    if distinct_id is not None and not isinstance(distinct_id, str):
+        raise WireError(f"{distinct_id_name} is not a string")
+    if session_id is not None and not isinstance(session_id, str):
+        raise WireError(f"{session_id_name} is not a string")
     clean, _ = clean_tags(tags, limits)
     if len(clean) > limits.max_tags:
         clean = dict(list(clean.items())[: limits.max_tags])
@@ -375,10 +385,6 @@ def decode_posthog(
     Raises:
         WireError: wrong types or tags that are not a JSON object.
     """
-    if distinct_id is not None and not isinstance(distinct_id, str):
-        raise WireError("X-POSTHOG-DISTINCT-ID is not a string")
-    if session_id is not None and not isinstance(session_id, str):
-        raise WireError("X-POSTHOG-SESSION-ID is not a string")
     parsed: Any = {}
     if tags is not None:
         if not isinstance(tags, (str, bytes)) or len(tags) > _DECODE_LIMIT:
@@ -389,7 +395,6 @@ def decode_posthog(
             raise WireError("X-POSTHOG-CONTEXT-TAGS is not JSON") from exc
         if not isinstance(parsed, dict):
             raise WireError("X-POSTHOG-CONTEXT-TAGS is not a JSON object")
-    clean, _ = clean_tags(parsed, limits)
-    if len(clean) > limits.max_tags:
-        clean = dict(list(clean.items())[: limits.max_tags])
-    return WireContext(_clean_id(distinct_id, limits), _clean_id(session_id, limits), clean)
+    return _received(
+        distinct_id, session_id, parsed, limits, POSTHOG_DISTINCT_ID, POSTHOG_SESSION_ID
+    )
