@@ -1,8 +1,10 @@
 """Compare what the collector received with :data:`example_worker.plan.EXPECTED`.
 
 An event's intended shopper is read from its ``order_id`` property, which travelled in the
-task's *arguments*; its attribution (distinct ID, session ID, ``plan`` tag) travelled in
-the task_scopes *header*. An event is attributed right when both agree.
+request *body* and the task's *arguments*; its attribution (distinct ID, session ID,
+``plan`` tag) came from the browser's ``X-POSTHOG-*`` request headers (through the web
+middleware) and travelled in the task_scopes message *header*. An event is attributed
+right when both agree.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from example_worker.plan import EXPECTED, SHOPPERS, Expected, Shopper
 
-__all__ = ["Row", "Verdict", "check", "counts", "problems", "render"]
+__all__ = ["Row", "Verdict", "check", "counts", "problems", "render", "request_of"]
 
 _BY_ORDER: dict[str, Shopper] = {s.order_id: s for s in SHOPPERS}
 
@@ -76,6 +79,15 @@ def _props(event: Mapping[str, Any]) -> Mapping[str, Any]:
     return props if isinstance(props, Mapping) else {}
 
 
+def request_of(props: Mapping[str, Any]) -> str | None:
+    """``"METHOD /path"`` of the web request an event was captured in, from the tags the
+    web middleware sets (``$request_method``, ``$current_url``); None when it has none."""
+    method, url = props.get("$request_method"), props.get("$current_url")
+    if not isinstance(method, str) or not isinstance(url, str):
+        return None
+    return f"{method} {urlsplit(url).path or '/'}"
+
+
 def _matches(expected: Expected, event: Mapping[str, Any]) -> bool:
     props = _props(event)
     return (
@@ -83,6 +95,7 @@ def _matches(expected: Expected, event: Mapping[str, Any]) -> bool:
         and props.get("celery_task_name") == expected.task
         and props.get("celery_retry_count") == expected.retry
         and (expected.sku is None or props.get("sku") == expected.sku)
+        and (expected.request is None or request_of(props) == expected.request)
     )
 
 
@@ -134,7 +147,7 @@ def _short(value: Any, keep: int = 8) -> str:
 
 def _cells(row: Row) -> list[str]:
     props = _props(row.event)
-    task = props.get("celery_task_name") or "(web request)"
+    task = props.get("celery_task_name") or request_of(props) or "(web request)"
     retry = props.get("celery_retry_count")
     tags = [f"order={props.get('order_id', '-')}", f"plan={props.get('plan', '-')}"]
     if "sku" in props:
@@ -158,7 +171,7 @@ def _cells(row: Row) -> list[str]:
     ]
 
 
-_HEADER = ["event", "distinct ID", "session", "task", "retry", "tags", "check"]
+_HEADER = ["event", "distinct ID", "session", "task / request", "retry", "tags", "check"]
 
 
 def _table(lines: Sequence[list[str]]) -> list[str]:
@@ -183,7 +196,7 @@ def render(verdict: Verdict, sessions: Mapping[str, str]) -> list[str]:
         lines = [_cells(r) for r in rows]
         lines += [_cells(r) for r in verdict.rows if r.owner == shopper.name and not r.expected]
         lines += [
-            [e.event, "-", "-", e.task or "(web request)", "-", "", "MISSING"]
+            [e.event, "-", "-", e.task or e.request or "(web request)", "-", "", "MISSING"]
             for e in verdict.missing.get(shopper.name, [])
         ]
         title = (

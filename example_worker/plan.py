@@ -68,22 +68,25 @@ class Expected:
 
     ``task``: the ``celery_task_name`` it must carry, None for an event captured in the web
     process itself; ``retry``: the ``celery_retry_count`` it must carry (None: web event,
-    no such tag); ``sku``: the ``sku`` property, for the per-item chord events.
+    no such tag); ``sku``: the ``sku`` property, for the per-item chord events;
+    ``request``: for a web event, the request it was captured in, as ``"METHOD /path"``
+    (from the ``$request_method`` and ``$current_url`` tags the web middleware sets).
     """
 
     event: str
     task: str | None
     retry: int | None = 0
     sku: str | None = None
+    request: str | None = None
 
     def describe(self) -> str:
-        where = self.task or "web request"
+        where = self.task or self.request or "web request"
         extra = f", sku={self.sku}" if self.sku else ""
         retry = f", retry {self.retry}" if self.retry else ""
         return f"{self.event} ({where}{extra}{retry})"
 
 
-WEB = Expected("checkout_requested", None, retry=None)
+WEB = Expected("checkout_requested", None, retry=None, request="POST /checkout")
 ORDER = Expected("order_processed", "shop.process_order")
 RECEIPT = Expected("receipt_sent", "shop.send_receipt")  # chain step, published by the worker
 SUMMARY = Expected("stock_reservation_completed", "shop.summarise_reservation")  # chord body

@@ -1,15 +1,20 @@
 """``python -m example_worker``: run the shop end to end and say what arrived.
 
-With no arguments nothing outside this machine is needed: the loopback collector runs in
-this process on a free port, kombu's ``filesystem://`` broker and a ``file://`` result
-backend (the chord needs one) live in a temporary folder, and a real
-``celery -A example_worker.app worker -P prefork`` subprocess runs the tasks.
+With no arguments nothing outside this machine is needed: the loopback collector and the
+shop's web app (:mod:`example_worker.web`, wrapped in ``task_scopes.wsgi.ContextMiddleware``)
+run in this process on free ports, kombu's ``filesystem://`` broker and a ``file://``
+result backend (the chord needs one) live in a temporary folder, and a real
+``celery -A example_worker.app worker -P prefork`` subprocess runs the tasks. The shoppers'
+browsers (:mod:`example_worker.browser`) post their checkouts to the web app over loopback
+HTTP, at the same time, with posthog-js's ``X-POSTHOG-*`` tracing headers.
 
 Exit status: 0 when every expected event (:data:`example_worker.plan.EXPECTED`) arrived
-attributed to the right user and nothing else arrived; 1 otherwise, saying what is missing
-or wrong; 2 when the demo could not run (bad options, broker unreachable, worker died).
-With ``--host`` the events go to a real PostHog, where arrival cannot be checked from
-here: the demo waits for the tasks, stops the worker (which flushes) and exits 0.
+attributed to the right user and nothing else arrived; 1 otherwise (the web app refused a
+checkout, the worker died, an event is missing or wrong), saying what; 2 when the demo
+could not run (bad options, broker unreachable). With ``--host`` the events go to a real
+PostHog, where arrival cannot be checked from here: the demo waits for the tasks, stops
+the worker (which flushes) and exits 0 when every checkout was accepted and every task
+finished.
 """
 
 from __future__ import annotations
@@ -22,14 +27,19 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from kombu.utils.url import maybe_sanitize_url
 
 from task_scopes.testing import CaptureServer
+
+if TYPE_CHECKING:
+    from example_worker.web import WebServer
 
 __all__ = ["main"]
 
@@ -174,6 +184,7 @@ class Demo:
         self.backend = _backend_for(args.broker, folder)
         self.server: CaptureServer | None = None
         self.worker: subprocess.Popen[bytes] | None = None
+        self.web: WebServer | None = None
         self.worker_log = folder / "worker.log"
 
     # -- set-up --------------------------------------------------------------------
@@ -208,17 +219,22 @@ class Demo:
 
     # -- waiting ---------------------------------------------------------------------
 
-    def wait_for_events(self, check: Callable[..., Any]) -> str | None:
-        """Wait until every expected event arrived, the deadline passed, the worker died or
-        (test option) the collector was stopped. Returns why it stopped early, or None."""
+    def wait_for_events(self, check: Callable[..., Any], shoppers: Collection[str]) -> str | None:
+        """Wait until every event expected of ``shoppers`` (those whose checkout the web app
+        accepted) arrived, the deadline passed, the worker died or (test option) the
+        collector was stopped. Returns why it stopped early, or None."""
         assert self.server is not None and self.worker is not None
         stop_after = self.args.stop_collector_after
         deadline = time.monotonic() + self.args.timeout
 
+        def arrived(events: list[dict[str, Any]]) -> bool:
+            missing = check(events, self.sessions).missing
+            return not any(missing.get(name) for name in shoppers)
+
         def done(events: list[dict[str, Any]]) -> bool:
             if stop_after is not None and len(events) >= stop_after:
                 return True
-            return bool(check(events, self.sessions).all_arrived)
+            return arrived(events)
 
         while True:
             remaining = deadline - time.monotonic()
@@ -230,7 +246,7 @@ class Demo:
                     f"the collector was stopped after {len(events)} events "
                     f"(--stop-collector-after {stop_after}); nothing more can arrive"
                 )
-            if check(events, self.sessions).all_arrived:
+            if arrived(events):
                 return None
             code = self.worker.poll()
             if code is not None:
@@ -253,7 +269,8 @@ class Demo:
 
 
 def _import_shop() -> tuple[ModuleType, ModuleType]:
-    """Import the app only now: it reads its configuration from the environment."""
+    """Import the app only now: it reads its configuration from the environment (and the
+    web app imports the tasks, hence the app)."""
     import example_worker.app as shop_app
     import example_worker.web as shop_web
 
@@ -305,14 +322,16 @@ def _run(args: argparse.Namespace, folder: Path) -> int:
     shop_app, shop_web = _import_shop()
     app = shop_app.app
     import task_scopes
-    from example_worker.plan import SHOPPERS
 
     try:
+        web = demo.web = shop_web.serve(demo.run_id)
         _say(
             f"broker   {maybe_sanitize_url(args.broker) or 'filesystem:// (temporary folder)'}",
             f"results  {maybe_sanitize_url(demo.backend).split('://')[0]}:// (the chord needs "
             "a result backend)",
             f"events   {host}" + ("  (loopback collector)" if demo.server else "  (PostHog)"),
+            f"web      {web.url}  (WSGI app in task_scopes.wsgi.ContextMiddleware, "
+            "served by wsgiref)",
             f"worker   celery -A example_worker.app worker -P prefork -c {args.concurrency} "
             f"-Q {demo.queue}",
         )
@@ -321,19 +340,19 @@ def _run(args: argparse.Namespace, folder: Path) -> int:
             _say(f"FAILED: cannot reach the broker {maybe_sanitize_url(demo.broker)}: {problem}")
             return 2
         demo.start_worker(env)
-        results = {}
-        for shopper in SHOPPERS:
-            results[shopper.name] = shop_web.checkout(
-                shopper, demo.sessions[shopper.name], demo.run_id
-            )
-            _say(f"POST /checkout as {shopper.distinct_id}: " + ", ".join(results[shopper.name]))
-        task_scopes.flush(timeout=5.0)  # the web process's own events
+        results, rejected = _checkout_all(demo, web.url, app)
+        task_scopes.flush(timeout=5.0)  # the web app's own events
 
         if demo.server is None:
-            return _finish_remote(demo, results, host)
+            return _finish_remote(demo, results, host, rejected)
 
         _say(f"waiting for the events (at most {args.timeout:g} s)...")
-        early = demo.wait_for_events(check.check)
+        early = demo.wait_for_events(check.check, results)
+        if rejected:  # what the web app refused never produced an event: say so first
+            early = "; ".join(
+                ["the web app did not accept every checkout: " + "; ".join(rejected)]
+                + ([early] if early else [])
+            )
         assert demo.worker is not None
         code = _stop_worker(demo.worker)
         _say(
@@ -350,7 +369,9 @@ def _run(args: argparse.Namespace, folder: Path) -> int:
                 _say(f"FAILED: {early}.")
             else:
                 _say("FAILED:")
-            lost = sum(len(m) for m in verdict.missing.values())
+            # Only what was enqueued can be lost on the way; a refused checkout's events
+            # were never produced.
+            lost = sum(len(m) for name, m in verdict.missing.items() if name in results)
             if lost:
                 _say(f"lost: {lost} expected events never reached the collector")
             _say(*("  " + line for line in check.problems(verdict)))
@@ -364,6 +385,8 @@ def _run(args: argparse.Namespace, folder: Path) -> int:
     finally:
         if demo.worker is not None and demo.worker.poll() is None:
             _stop_worker(demo.worker)
+        if demo.web is not None:
+            demo.web.close()
         if args.broker is not None and demo.worker is not None:
             _delete_queue(app, demo.queue)
         task_scopes.shutdown(timeout=5.0)
@@ -371,7 +394,44 @@ def _run(args: argparse.Namespace, folder: Path) -> int:
             demo.server.close()
 
 
-def _finish_remote(demo: Demo, results: Mapping[str, Mapping[str, Any]], host: str) -> int:
+def _checkout_all(
+    demo: Demo, base_url: str, app: Any
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every shopper's browser posts its checkout, all at once (one server thread each).
+
+    Returns the enqueued results (shopper name -> step -> ``AsyncResult``) and, one line
+    each, the checkouts the web app did not accept.
+    """
+    from example_worker import browser
+    from example_worker.plan import SHOPPERS
+
+    _say(
+        f"{len(SHOPPERS)} browsers POST /checkout at once, with posthog-js's tracing headers "
+        f"{browser.DISTINCT_ID_HEADER} / {browser.SESSION_ID_HEADER}:"
+    )
+    with ThreadPoolExecutor(max_workers=len(SHOPPERS)) as pool:
+        answers = list(
+            pool.map(lambda s: browser.post_checkout(base_url, s, demo.sessions[s.name]), SHOPPERS)
+        )
+    results: dict[str, dict[str, Any]] = {}
+    rejected = []
+    for shopper, answer in zip(SHOPPERS, answers, strict=True):
+        who = f"  {shopper.distinct_id:<11} session {demo.sessions[shopper.name]}  -> "
+        if answer.problem is not None:
+            _say(who + answer.problem)
+            rejected.append(f"{shopper.distinct_id}: {answer.problem}")
+            continue
+        status = f"{answer.status} {HTTPStatus(answer.status).phrase}"
+        _say(who + f"{status}: " + ", ".join(answer.enqueued))
+        results[shopper.name] = {
+            step: app.AsyncResult(task_id) for step, task_id in answer.enqueued.items()
+        }
+    return results, rejected
+
+
+def _finish_remote(
+    demo: Demo, results: Mapping[str, Mapping[str, Any]], host: str, rejected: list[str]
+) -> int:
     import task_scopes
 
     _say(f"waiting for the tasks to finish (at most {demo.args.timeout:g} s)...")
@@ -391,7 +451,8 @@ def _finish_remote(demo: Demo, results: Mapping[str, Mapping[str, Any]], host: s
         if code is not None
         else "worker: did not stop in time and was killed; its queued events are lost",
     )
+    if rejected:
+        _say("FAILED: the web app did not accept every checkout: " + "; ".join(rejected))
     if unfinished:
         _say("FAILED: tasks that did not finish: " + ", ".join(unfinished))
-        return 1
-    return 0
+    return 1 if rejected or unfinished else 0

@@ -7,6 +7,10 @@ Each task tags its own ``order_id`` (from its arguments, not from the caller's c
 its events and a failure's ``$exception`` carry it, and the demo uses it to check that the
 context that travelled in the message header matches the data that travelled in the
 arguments.
+
+The tasks are ``shared=False``: they belong to the shop app only. Celery's default would
+also register them on every app finalized later in the same process (a test suite's own
+app, say), where their names could collide.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class GiftCardExpired(Exception):
     """A gift card past its date: a real failure, captured as ``$exception``."""
 
 
-@app.task(name="shop.process_order")
+@app.task(name="shop.process_order", shared=False)
 def process_order(order_id: str, items: list[list[Any]], total_cents: int) -> dict[str, Any]:
     """Charge and record the order; returns what the next step of the chain needs."""
     task_scopes.tag("order_id", order_id)
@@ -49,7 +53,7 @@ def process_order(order_id: str, items: list[list[Any]], total_cents: int) -> di
     return {"order_id": order_id, "total_cents": total_cents}
 
 
-@app.task(name="shop.send_receipt")
+@app.task(name="shop.send_receipt", shared=False)
 def send_receipt(order: dict[str, Any]) -> str:
     """Second step of the checkout chain: e-mail the receipt. Returns the order ID."""
     order_id = str(order["order_id"])
@@ -58,7 +62,7 @@ def send_receipt(order: dict[str, Any]) -> str:
     return order_id
 
 
-@app.task(name="shop.reserve_stock")
+@app.task(name="shop.reserve_stock", shared=False)
 def reserve_stock(order_id: str, sku: str, quantity: int) -> dict[str, Any]:
     """One header task of the reservation chord: reserve ``quantity`` units of ``sku``."""
     task_scopes.tag("order_id", order_id)
@@ -68,7 +72,7 @@ def reserve_stock(order_id: str, sku: str, quantity: int) -> dict[str, Any]:
     return {"sku": sku, "quantity": quantity}
 
 
-@app.task(name="shop.summarise_reservation")
+@app.task(name="shop.summarise_reservation", shared=False)
 def summarise_reservation(reservations: list[dict[str, Any]], order_id: str) -> int:
     """Body of the reservation chord; returns the number of units reserved."""
     task_scopes.tag("order_id", order_id)
@@ -80,7 +84,7 @@ def summarise_reservation(reservations: list[dict[str, Any]], order_id: str) -> 
     return units
 
 
-@app.task(name="shop.sync_loyalty_points", bind=True, max_retries=3)
+@app.task(name="shop.sync_loyalty_points", shared=False, bind=True, max_retries=3)
 def sync_loyalty_points(self: Task, order_id: str, points: int) -> int:
     """Credit loyalty points. The loyalty service is busy on the first attempt, so the task
     retries once; both attempts' events carry ``celery_retry_count`` (0, then 1)."""
@@ -94,7 +98,7 @@ def sync_loyalty_points(self: Task, order_id: str, points: int) -> int:
     return points
 
 
-@app.task(name="shop.redeem_gift_card")
+@app.task(name="shop.redeem_gift_card", shared=False)
 def redeem_gift_card(order_id: str, code: str) -> None:
     """Always fails: the plugin captures the failure once, as ``$exception``, with the
     shopper's distinct ID and the ``order_id`` tag set here."""

@@ -1,6 +1,8 @@
-"""The demo, ``python -m example_worker``, run as a user runs it: a subprocess that starts a
-real prefork worker. Its JSON lines are checked here independently of the demo's own
-verdict; the verdict logic itself is checked on hand-made events."""
+"""The demo, ``python -m example_worker``, run as a user runs it: a subprocess that serves
+the shop's WSGI app, posts the shoppers' checkouts to it with posthog-js's headers and
+starts a real prefork worker. Its JSON lines are checked here independently of the demo's
+own verdict; the verdict logic itself is checked on hand-made events, and the web app on
+its own, in this process, with its task messages read back from a ``memory://`` broker."""
 
 from __future__ import annotations
 
@@ -11,14 +13,19 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
+import requests
 
+from example_worker import browser
 from example_worker import check as demo_check
 from example_worker.plan import EXPECTED, SHOPPERS, Shopper
-from task_scopes.testing import CaptureServer
+from task_scopes.testing import CaptureServer, capture_events
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNTS = re.compile(
@@ -26,6 +33,7 @@ COUNTS = re.compile(
     r"exceptions: (\d+)$"
 )
 TOTAL = sum(len(v) for v in EXPECTED.values())
+WEB_URL = re.compile(r"^http://127\.0\.0\.1:\d+/checkout$")
 
 
 def run_demo(*args: str, timeout: float = 150.0) -> subprocess.CompletedProcess[str]:
@@ -77,6 +85,18 @@ def assert_every_expected_event_attributed(events: list[dict[str, Any]]) -> None
     assert len(set.union(*sessions.values())) == len(SHOPPERS)
     assert len({e["properties"]["demo_run"] for e in events}) == 1
 
+    # The web events were captured inside the middleware's request scope; its $ tags
+    # describe that request and stay on the web process's events.
+    web = [e for e in events if "celery_task_name" not in e["properties"]]
+    assert sorted(e["event"] for e in web) == ["checkout_requested"] * len(SHOPPERS)
+    assert {e["properties"]["$request_method"] for e in web} == {"POST"}
+    urls = {e["properties"]["$current_url"] for e in web}
+    assert len(urls) == 1 and WEB_URL.match(next(iter(urls))), urls
+    for event in events:
+        if event not in web:
+            assert "$current_url" not in event["properties"], event
+            assert "$request_method" not in event["properties"], event
+
     exceptions = [e for e in events if e["event"] == "$exception"]
     assert len(exceptions) == 1
     (failure,) = exceptions
@@ -96,13 +116,21 @@ def assert_demo_succeeded(result: subprocess.CompletedProcess[str], out: Path) -
     match = COUNTS.match(last)
     assert match is not None, last
     assert match.groups() == (str(TOTAL), str(TOTAL), str(TOTAL), "1")
-    # The table names each shopper with the session their events carried.
+    # The table names each shopper with the session their events carried, which is the
+    # one their browser sent, and shows the web events' request.
     for event in read_events(out):
         shopper = shopper_of(event)
         session = event["properties"]["$session_id"]
         assert f"{shopper.name}: distinct ID {shopper.distinct_id}, session {session}" in (
             result.stdout
         )
+        assert f"  {shopper.distinct_id:<11} session {session}  -> 202 Accepted: " in (
+            result.stdout
+        )
+    rows = [line.split() for line in result.stdout.splitlines()]
+    web_rows = [r for r in rows if r[:1] == ["checkout_requested"]]
+    assert len(web_rows) == len(SHOPPERS)
+    assert all(r[3:5] == ["POST", "/checkout"] and r[-1] == "ok" for r in web_rows), web_rows
 
 
 @pytest.mark.slow
@@ -159,7 +187,7 @@ def test_demo_says_what_was_lost_and_fails_when_the_collector_stops(tmp_path: Pa
             )
             assert f"({sum(missing.values())})" in line
             for event, task, _retry, _sku in missing:
-                assert f"{event} ({task or 'web request'}" in line
+                assert f"{event} ({task or 'POST /checkout'}" in line
     last = result.stdout.strip().splitlines()[-1]
     match = COUNTS.match(last)
     assert match is not None, last
@@ -201,6 +229,9 @@ def _perfect_events(sessions: dict[str, str]) -> list[dict[str, Any]]:
             if expected.task is not None:
                 props["celery_task_name"] = expected.task
                 props["celery_retry_count"] = expected.retry
+            else:
+                props["$current_url"] = "http://127.0.0.1:8000/checkout"
+                props["$request_method"] = "POST"
             if expected.sku is not None:
                 props["sku"] = expected.sku
             events.append(
@@ -247,6 +278,18 @@ def test_verdict_flags_a_lost_session_and_a_second_exception() -> None:
     assert verdict.exceptions == 2
 
 
+def test_verdict_counts_a_web_event_from_another_request_as_unexpected() -> None:
+    events = _perfect_events(SESSIONS)
+    web = next(e for e in events if e["event"] == "checkout_requested")
+    web["properties"]["$request_method"] = "GET"
+    verdict = demo_check.check(events, SESSIONS)
+    assert not verdict.ok
+    assert [r.event["event"] for r in verdict.unexpected] == ["checkout_requested"]
+    assert demo_check.problems(verdict)[0].startswith(
+        "missing for alice (1): checkout_requested (POST /checkout)"
+    )
+
+
 def test_verdict_lists_what_is_missing() -> None:
     events = [e for e in _perfect_events(SESSIONS) if e["event"] != "loyalty_points_synced"]
     verdict = demo_check.check(events, SESSIONS)
@@ -255,6 +298,151 @@ def test_verdict_lists_what_is_missing() -> None:
     assert demo_check.problems(verdict) == [
         "missing for bob (1): loyalty_points_synced (shop.sync_loyalty_points, retry 1)"
     ]
+
+
+# -- the web app, in this process ----------------------------------------------------------
+
+WEB_QUEUE = f"shop-web-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def shop_web_module() -> Iterator[ModuleType]:
+    """:mod:`example_worker.web` with the shop app on an in-process ``memory://`` broker.
+
+    The app reads its settings from the environment when first imported, so it must not
+    have been imported in this process with other settings. Importing it makes it the
+    current app and installs the plugin on it; both are undone for the tests that follow.
+    """
+    from celery import current_app
+
+    import task_scopes.celery
+
+    previous = current_app._get_current_object()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SHOP_BROKER_URL", "memory://")
+        env.setenv("SHOP_RESULT_BACKEND", "cache+memory://")  # the chord needs a backend
+        env.setenv("SHOP_QUEUE", WEB_QUEUE)
+        env.delenv("SHOP_POSTHOG_API_KEY", raising=False)
+        import example_worker.web as web
+        from example_worker.app import app
+    previous.set_current()
+    try:
+        if app.conf.broker_url != "memory://" or app.conf.task_default_queue != WEB_QUEUE:
+            pytest.fail(f"example_worker.app was imported earlier with {app.conf.broker_url}")
+        yield web
+    finally:
+        task_scopes.celery.uninstall(app)
+
+
+@pytest.fixture
+def shop_web(shop_web_module: ModuleType) -> ModuleType:
+    """The web module, its queue emptied of what an earlier (failed) test left there."""
+    from example_worker.app import app
+
+    published(app)
+    return shop_web_module
+
+
+def published(app: Any) -> list[tuple[str, str, dict[str, Any]]]:
+    """The task messages waiting in the web test's queue, taken off it: (task name,
+    order_id argument, decoded ``task_scopes`` header)."""
+    out = []
+    with app.connection_for_read() as connection:
+        queue = app.amqp.queues[WEB_QUEUE].bind(connection.default_channel)
+        while (message := queue.get(no_ack=True)) is not None:
+            args = message.decode()[0]
+            out.append(
+                (message.headers["task"], args[0], json.loads(message.headers["task_scopes"]))
+            )
+    return out
+
+
+def visitor(shopper: Shopper) -> tuple[str, str]:
+    """A distinct ID and session that appear nowhere but in the request headers."""
+    return f"visitor-{shopper.name}-{uuid.uuid4().hex[:6]}", f"session-{shopper.name}"
+
+
+def test_web_app_attributes_concurrent_checkouts_to_their_posthog_headers(
+    shop_web: ModuleType,
+) -> None:
+    from example_worker.app import app
+
+    who = {s.order_id: visitor(s) for s in SHOPPERS}
+    with capture_events() as captured, shop_web.serve("run-42") as server:
+
+        def post(shopper: Shopper) -> requests.Response:
+            distinct_id, session_id = who[shopper.order_id]
+            return requests.post(
+                f"{server.url}/checkout",
+                json=browser.cart(shopper),
+                headers=browser.tracing_headers(distinct_id, session_id),
+                timeout=30,
+            )
+
+        with ThreadPoolExecutor(len(SHOPPERS)) as pool:
+            responses = list(pool.map(post, SHOPPERS))
+        events = captured.named("checkout_requested")
+
+    for shopper, response in zip(SHOPPERS, responses, strict=True):
+        assert response.status_code == 202, response.text
+        assert response.json()["order_id"] == shopper.order_id
+    assert len(events) == len(SHOPPERS)
+    for event in events:
+        props = event["properties"]
+        shopper = shopper_of(event)
+        assert (event["distinct_id"], props["$session_id"]) == who[shopper.order_id]
+        assert props["$current_url"] == f"{server.url}/checkout"
+        assert props["$request_method"] == "POST"
+        assert (props["plan"], props["demo_run"]) == (shopper.plan, "run-42")
+
+    # What the worker would receive: each message carries its own request's context, and
+    # none of the request's $ tags.
+    messages = published(app)
+    by_order = Counter(order_id for _, order_id, _ in messages)
+    assert by_order == {
+        s.order_id: 1 + len(s.items) + (s.loyalty_points is not None) + (s.gift_card is not None)
+        for s in SHOPPERS
+    }
+    for task, order_id, context in messages:
+        shopper = next(s for s in SHOPPERS if s.order_id == order_id)
+        assert (context["d"], context["s"]) == who[order_id], task
+        assert context["t"] == {"plan": shopper.plan, "demo_run": "run-42"}, task
+
+
+def test_web_app_without_posthog_headers_captures_a_personless_checkout(
+    shop_web: ModuleType,
+) -> None:
+    from example_worker.app import app
+
+    alice = SHOPPERS[0]
+    with capture_events() as captured, shop_web.serve() as server:
+        response = requests.post(f"{server.url}/checkout", json=browser.cart(alice), timeout=30)
+        (event,) = captured.named("checkout_requested")
+    assert response.status_code == 202, response.text
+    assert event["properties"]["$process_person_profile"] is False
+    assert "$session_id" not in event["properties"]
+    messages = published(app)
+    assert len(messages) == 1 + len(alice.items)
+    assert all(context == {"v": 1, "t": {"plan": "pro"}} for _, _, context in messages)
+
+
+def test_web_app_refuses_a_malformed_checkout_and_enqueues_nothing(
+    shop_web: ModuleType,
+) -> None:
+    from example_worker.app import app
+
+    cart = browser.cart(SHOPPERS[0])
+    cart["items"] = [["mug", "two"]]
+    headers = browser.tracing_headers("user_alice", "session-alice")
+    with capture_events() as captured, shop_web.serve() as server:
+        bad = requests.post(f"{server.url}/checkout", json=cart, headers=headers, timeout=30)
+        wrong_method = requests.get(f"{server.url}/checkout", headers=headers, timeout=30)
+        events = captured.events
+    assert bad.status_code == 400
+    assert "'items' must be a non-empty list" in bad.json()["error"]
+    assert wrong_method.status_code == 405
+    assert events == []
+    assert published(app) == []
 
 
 # -- the demo's filesystem:// transport -------------------------------------------------
