@@ -394,6 +394,8 @@ def worker_app(request: pytest.FixtureRequest) -> Iterator[Fuzzed]:
         result_backend="cache+memory://",
         # memory:// polls; its default of one second would make each example a second
         broker_transport_options={"polling_interval": 0.005},
+        # else the worker removes the root logger's handlers, the error collector's too
+        worker_hijack_root_logger=False,
         task_default_queue=f"fuzz-{signed}",
     )
     with start_worker(fuzzed.app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
