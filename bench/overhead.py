@@ -44,15 +44,17 @@ PostHog's capture API (task_scopes and PostHog) and a small envelope counter for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +139,40 @@ def _run(scenario: str, config: str, args: argparse.Namespace) -> dict[str, Any]
     return result
 
 
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A ``redis-server`` of our own on a free loopback port, without persistence.
+
+    The shared server's databases 1-15 are taken in turn (and flushed) by the test suite's
+    ``redis_url`` fixture, so a benchmark there can lose its queue to a test run.
+    """
+    import redis
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--logfile", ""],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("private redis-server did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def _fmt(value: float) -> str:
     if value >= 1000:
         return f"{value:,.0f}"
@@ -217,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="publish,eager,e2e", help="comma-separated subset")
     parser.add_argument(
         "--redis",
-        default=os.environ.get("TASK_SCOPES_BENCH_REDIS", "redis://127.0.0.1:6379/14"),
-        help="Redis database of its own; it is FLUSHED before each end-to-end run",
+        default=os.environ.get("TASK_SCOPES_BENCH_REDIS", "private"),
+        help="'private' (default): a redis-server of its own on a free loopback port, for "
+        "the whole run; or a URL of a database of its own, FLUSHED before each e2e run",
     )
     args = parser.parse_args(argv)
     reps = args.reps if args.reps is not None else (1 if args.quick else 5)
@@ -238,15 +275,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the 'bare' configuration is required (ratios are to it)")
     scenarios = args.scenarios.split(",")
 
+    with contextlib.ExitStack() as stack:
+        if args.redis == "private" and "e2e" in scenarios:
+            args.redis = stack.enter_context(private_redis())
+        return _measure(args, configs, scenarios, reps)
+
+
+def _measure(args: argparse.Namespace, configs: list[str], scenarios: list[str], reps: int) -> int:
     started = time.monotonic()
     samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     runs: list[dict[str, Any]] = []
+    failures: list[str] = []
     for rep in range(reps):
         order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
         for scenario in scenarios:
             for config in order:
                 t0 = time.monotonic()
-                result = _run(scenario, config, args)
+                try:
+                    result = _run(scenario, config, args)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    failures.append(f"rep {rep + 1} {scenario}/{config}: {exc}")
+                    print(f"[rep {rep + 1}/{reps}] FAILED {failures[-1]}", file=sys.stderr)
+                    continue
                 runs.append({"rep": rep, "scenario": scenario, "config": config, **result})
                 for fig in FIGURES:
                     if fig.key in result:
@@ -266,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         f"medians of per-process figures; ratio = median / bare median\n"
     )
     print(table(summary))
+    for failure in failures:
+        print(f"FAILED (left out of the table): {failure.splitlines()[0]}")
     print(
         f"\n{platform.python_implementation()} {platform.python_version()}, "
         f"{_versions()}, {os.cpu_count()} CPUs, {elapsed / 60:.1f} min"
@@ -282,11 +334,12 @@ def main(argv: list[str] | None = None) -> int:
                     "elapsed_s": elapsed,
                     "summary": summary,
                     "runs": runs,
+                    "failures": failures,
                 },
                 indent=2,
             )
         )
-    return 0
+    return 1 if failures else 0
 
 
 _SHOWN = {f.key for f in FIGURES}
