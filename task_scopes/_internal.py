@@ -11,8 +11,12 @@ import logging
 import threading
 import time
 from types import TracebackType
+from typing import Any, ClassVar, TypeAlias
 
 logger = logging.getLogger("task_scopes")
+
+# What logging accepts as exc_info: True, or an (type, value, traceback) triple.
+ExcInfo: TypeAlias = "bool | tuple[Any, Any, Any]"
 
 _reraise = False
 
@@ -22,42 +26,6 @@ def set_reraise(value: bool) -> bool:
     global _reraise
     previous, _reraise = _reraise, value
     return previous
-
-
-class guard:  # noqa: N801 - used as ``with guard("where"):``
-    """Run a block of instrumentation code; log and swallow the ``Exception`` it raises.
-
-    Args:
-        where: short name of the code path, e.g. ``"task_prerun"``; it appears in the log.
-
-    A class rather than a generator-based context manager: it costs a fraction of that on
-    the hot paths (publish, prerun, capture), and an instance holds no per-use state, so
-    one can be kept and reused. ``BaseException`` (``KeyboardInterrupt``, ``SystemExit``)
-    always propagates.
-    """
-
-    __slots__ = ("where",)
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        if exc_type is None or not issubclass(exc_type, Exception) or _reraise:
-            return False
-        logger.error(
-            "task_scopes: internal error in %s (swallowed)",
-            self.where,
-            exc_info=(exc_type, exc, tb),  # type: ignore[arg-type]
-        )
-        return True
 
 
 class RateLimitedLog:
@@ -84,7 +52,7 @@ class RateLimitedLog:
             suppressed, self._suppressed = self._suppressed, 0
             return suppressed
 
-    def log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> bool:
+    def log(self, level: int, msg: str, *args: object, exc_info: ExcInfo = False) -> bool:
         suppressed = self._due()
         if suppressed is None:
             return False
@@ -96,3 +64,48 @@ class RateLimitedLog:
 
     def warning(self, msg: str, *args: object) -> bool:
         return self.log(logging.WARNING, msg, *args)
+
+
+class guard:  # noqa: N801 - used as ``with guard("where"):``
+    """Run a block of instrumentation code; log and swallow the ``Exception`` it raises.
+
+    Args:
+        where: short name of the code path, e.g. ``"task_prerun"``; it appears in the log.
+
+    Logged with its traceback at most once a minute per ``where`` (a broken transport or
+    encoder would otherwise log once per task), with the count of what was suppressed.
+    A class rather than a generator-based context manager: it costs a fraction of that on
+    the hot paths (publish, prerun, capture), and an instance holds no per-use state, so
+    one can be kept and reused. ``BaseException`` (``KeyboardInterrupt``, ``SystemExit``)
+    always propagates.
+    """
+
+    __slots__ = ("where",)
+    _logs: ClassVar[dict[str, RateLimitedLog]] = {}
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc_type is None or not issubclass(exc_type, Exception) or _reraise:
+            return False
+        log = guard._logs.get(self.where)
+        if log is None:
+            if len(guard._logs) > 1024:  # names are static strings; bound it anyway
+                guard._logs.clear()
+            log = guard._logs.setdefault(self.where, RateLimitedLog(60.0))
+        log.log(
+            logging.ERROR,
+            "task_scopes: internal error in %s (swallowed)",
+            self.where,
+            exc_info=(exc_type, exc, tb),
+        )
+        return True

@@ -24,6 +24,7 @@ AMQP_URL = os.environ.get("TASK_SCOPES_TEST_AMQP", "amqp://guest:guest@127.0.0.1
 def _guard_reraises() -> Iterator[None]:
     """A bug swallowed by the instrumentation guard fails the test instead."""
     previous = _internal.set_reraise(True)
+    _internal.guard._logs.clear()  # each test sees the guard's first log line of its own
     try:
         yield
     finally:
