@@ -76,9 +76,17 @@ def start_worker(
         plugin: bool = True,
     ) -> Worker:
         name = f"e2e{run_id}n{len(workers)}"
+        conf: dict[str, Any] = {}
+        if broker.kind == "amqp":
+            # A 2 s AMQP heartbeat puts a timer in the worker's event loop every second.
+            # Without one (Celery 5.7, measured without task_scopes) the loop sleeps up to
+            # ~10 s in epoll with frames already read: SIGTERM takes ~6 s to act on, and a
+            # solo worker stalls between deliveries.
+            conf["broker_heartbeat"] = 2.0
+        conf.update(settings or {})
         worker = Worker(
             broker,
-            worker_settings(capture_server, **(settings or {})),
+            worker_settings(capture_server, **conf),
             tmp_path / f"{name}.log",
             name=name,
             pool=pool,
