@@ -95,13 +95,20 @@ class Faults(threading.Thread):
             (0.60, "500"), (0.70, "429"), (0.80, "stall"), (0.90, "down"),
         ]  # fmt: skip
         self.applied: list[str] = []
+        self.abort = threading.Event()  # set when the run cannot be trusted any more
         self.started = time.monotonic()
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             for at, kind in self.schedule:
-                wait_for(lambda at=at: self.ledger.tasks_run() >= at * self.total, 3600, 0.1)
+                wait_for(
+                    lambda at=at: self.abort.is_set() or self.ledger.tasks_run() >= at * self.total,
+                    3600,
+                    0.1,
+                )
+                if self.abort.is_set():
+                    return
                 progress = self.ledger.tasks_run() / self.total
                 elapsed = time.monotonic() - self.started
                 detail = getattr(self, f"_{kind}")()
@@ -171,9 +178,15 @@ class Faults(threading.Thread):
 
 
 def progress(
-    ledger: Ledger, server: CaptureServer, halt: threading.Event, every: float = 10.0
+    ledger: Ledger,
+    server: CaptureServer,
+    halt: threading.Event,
+    abort: threading.Event,
+    intact: Any,
+    every: float = 10.0,
 ) -> None:
-    """Print a line to stderr every ``every`` seconds until ``halt`` is set."""
+    """Print a line to stderr every ``every`` seconds until ``halt`` is set; set ``abort``
+    when ``intact()`` turns false (the bookkeeping was wiped: nothing after is valid)."""
     started = time.monotonic()
     while not halt.wait(every):
         print(
@@ -182,9 +195,13 @@ def progress(
             file=sys.stderr,
             flush=True,
         )
+        if not intact():
+            print("the Redis database was flushed by someone else: aborting", file=sys.stderr)
+            abort.set()
+            return
 
 
-def publish(work: Any, args: argparse.Namespace, run_id: str) -> int:
+def publish(work: Any, args: argparse.Namespace, run_id: str, abort: threading.Event) -> int:
     """Publish ``args.tasks`` tasks from ``args.producers`` threads. Returns the count."""
     per_producer = args.tasks // args.producers
     counts = [0] * args.producers
@@ -198,6 +215,8 @@ def publish(work: Any, args: argparse.Namespace, run_id: str) -> int:
             last = args.tasks if index == args.producers - 1 else first + per_producer
             next_at = time.monotonic()
             for batch_start in range(first, last, args.batch):
+                if abort.is_set():
+                    return
                 expected = f"{run_id}-p{index}-b{batch_start // args.batch}"
                 with task_scopes.new_context(fresh=True):
                     task_scopes.identify_context(f"user-{expected}")
@@ -379,12 +398,21 @@ def soak(args: argparse.Namespace) -> int:
         faults = Faults(server, fleet, ledger, args.tasks, args)
         started = time.monotonic()
         halt = threading.Event()
-        threading.Thread(target=progress, args=(ledger, server, halt), daemon=True).start()
+        threading.Thread(
+            target=progress,
+            args=(ledger, server, halt, faults.abort, lambda: bool(store.exists(sentinel))),
+            daemon=True,
+        ).start()
         sampler.start()
         faults.start()
         try:
-            published = publish(app_module.work, args, settings.prefix.split(":")[1])
-            done = wait_for(lambda: ledger.tasks_run() >= published, args.deadline, 0.2)
+            run_id = settings.prefix.split(":")[1]
+            published = publish(app_module.work, args, run_id, faults.abort)
+            done = wait_for(
+                lambda: faults.abort.is_set() or ledger.tasks_run() >= published,
+                args.deadline,
+                0.2,
+            )
             faults.join(args.deadline)
             assert fleet.current is not None
             code = fleet.current.stop(args.shutdown_timeout + 60)
