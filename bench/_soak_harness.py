@@ -67,11 +67,9 @@ class Settings:
         return _soak_app
 
 
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = ""
-) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` seconds passed. Returns its last
-    value; ``what`` is only for the caller's messages."""
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` every ``interval`` seconds until it holds or ``timeout`` seconds
+    passed. Returns its last value."""
     deadline = time.monotonic() + timeout
     while True:
         if predicate():

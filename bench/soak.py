@@ -1,7 +1,7 @@
 """Soak: tens of thousands of tasks through a real prefork worker while the collector fails.
 
     python bench/soak.py                     # 20,000 tasks, 10 s outages, 5 s stalls
-    python bench/soak.py --tasks 2000 --outage 3 --stall 2 --http-timeout 1   # CI size
+    python bench/soak.py --tasks 2000 --rate 50 --outage 3 --stall 2 --http-timeout 1  # CI
     python bench/soak.py --exit-paths        # loss on SIGTERM / SIGQUIT / SIGKILL instead
 
 What runs:
@@ -9,14 +9,16 @@ What runs:
 * a ``celery worker -P prefork -c 2`` on Redis (its own database, flushed unless
   ``--no-flush``; its own queue), running ``_soak_app.work``, which captures one event
   saying which context it expects and records the event's UUID in Redis;
-* ``--producers`` threads publishing ``--tasks`` tasks in batches of ``--batch``, each
+* ``--producers`` threads publishing ``--tasks`` tasks (``--rate`` per second in all, so
+  that the faults meet a steady flow) in batches of ``--batch``, each
   batch inside its own ``new_context(fresh=True)`` with a distinct ID, session ID and tag
   of its own, so an event restored into the wrong context is detectable;
 * the loopback collector (``task_scopes.testing.CaptureServer``) in this process, failing
   on a schedule keyed to progress (tasks run / tasks): 500s, 429 with ``Retry-After: 1``,
   stalls of ``--stall`` seconds (longer than ``--http-timeout``, so the client times out,
   retries, and the collector receives the batch twice: the duplicates it absorbs), and
-  ``--outage`` seconds fully down (socket closed);
+  ``--outage`` seconds fully down (socket closed); each fault waits until the previous
+  one has cleared (two batches accepted), so one batch meets one incident at a time;
 * halfway, during an outage, SIGTERM to the worker and a fresh worker started: the old
   worker's children must deliver what they hold once the collector is back
   (``task_scopes_shutdown_timeout``, default here 30 s, is longer than the outage).
