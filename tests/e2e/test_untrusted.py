@@ -14,7 +14,7 @@ import task_scopes
 from task_scopes.testing import CaptureServer
 
 from .conftest import MakeProducer, StartWorker
-from .harness import Broker, Event, labelled, producer_context, props, wait_events
+from .harness import Broker, Event, Worker, labelled, producer_context, props, wait_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
@@ -36,6 +36,15 @@ def _assert_empty_context(event: Event, refused_distinct_id: str) -> None:
     assert _context_keys(event) == set()
     # The task still got its own task tags: it ran under the plugin, with an empty context.
     assert p["celery_task_name"] == "e2e.report"
+
+
+def _refusal_logged(worker: Worker, task_ids: list[str]) -> bool:
+    """The worker logged a task_scopes warning about one of these tasks (the warning is
+    rate-limited, so one line at least; a refusal is logged, never raised)."""
+    return any(
+        "WARNING" in line and "task_scopes" in line and any(i in line for i in task_ids)
+        for line in worker.log().splitlines()
+    )
 
 
 def _warnings_naming(caplog: pytest.LogCaptureFixture, key: str) -> list[str]:
@@ -120,8 +129,10 @@ def test_garbage_and_wrong_typed_headers_run_the_task_with_an_empty_context(
     worker = start_worker(broker)
     plain = make_producer(broker, plugin=False)  # nothing rewrites the headers we send
     report = plain.tasks["e2e.report"]
-    for name, value in BAD_HEADERS.items():
-        report.apply_async((f"{run_id}-{name}",), headers={"task_scopes": value})
+    refused = [
+        report.apply_async((f"{run_id}-{name}",), headers={"task_scopes": value}).id
+        for name, value in BAD_HEADERS.items()
+    ]
     # Control: a well-formed header from the same plain producer is restored, so the
     # empty contexts above are refusals, not a header that never arrived.
     valid = json.dumps({"v": 1, "d": f"plain-{run_id}", "s": "plain-session",
@@ -136,6 +147,7 @@ def test_garbage_and_wrong_typed_headers_run_the_task_with_an_empty_context(
         [event] = wait_events(capture_server, labelled(f"{run_id}-{name}"), 1, worker=worker,
                               what=name)
         _assert_empty_context(event, refused_distinct_id="123")
+    assert _refusal_logged(worker, refused)
 
 
 SECRET = "s3cret-for-e2e"
@@ -160,8 +172,10 @@ def test_forged_unsigned_and_wrongly_signed_context_is_refused_when_a_secret_is_
         "unsigned": {"task_scopes": header},
         "posthog-unsigned": {"X-POSTHOG-DISTINCT-ID": forged_user},
     }
-    for name, headers in cases.items():
-        plain.tasks["e2e.report"].apply_async((f"{run_id}-{name}",), headers=headers)
+    refused = [
+        plain.tasks["e2e.report"].apply_async((f"{run_id}-{name}",), headers=headers).id
+        for name, headers in cases.items()
+    ]
     # Control: the plugin's own signed header is accepted by the same worker.
     with producer_context(f"signed-{run_id}", "signed-session", {"signed": True}):
         signed.tasks["e2e.report"].delay(f"{run_id}-signed")
@@ -174,3 +188,4 @@ def test_forged_unsigned_and_wrongly_signed_context_is_refused_when_a_secret_is_
         [event] = wait_events(capture_server, labelled(f"{run_id}-{name}"), 1, worker=worker,
                               what=name)
         _assert_empty_context(event, refused_distinct_id=forged_user)
+    assert _refusal_logged(worker, refused)
