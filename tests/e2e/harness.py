@@ -91,6 +91,7 @@ class Worker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.killed = False
         self.returncode: int | None = None
+        self._sentinel = f"e2e:sentinel:{name}"
 
     @property
     def hostname(self) -> str:
@@ -140,6 +141,10 @@ class Worker:
             f"{self.name}@%h",
             *self.extra_args,
         ]
+        import redis
+
+        with redis.Redis.from_url(self.broker.redis_url, socket_timeout=5) as client:
+            client.set(self._sentinel, "1", ex=3600)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -197,7 +202,25 @@ class Worker:
 
     def log_tail(self, lines: int = 80) -> str:
         tail = self.log().splitlines()[-lines:]
-        return f"--- worker {self.name} log (last {len(tail)} lines) ---\n" + "\n".join(tail)
+        text = f"--- worker {self.name} log (last {len(tail)} lines) ---\n" + "\n".join(tail)
+        if not self.redis_intact():
+            text = (
+                f"NOTE: the Redis database {self.broker.redis_url} was flushed by another "
+                "process during the test (queued messages and counters were lost with it)\n"
+                + text
+            )
+        return text
+
+    def redis_intact(self) -> bool:
+        """False when the sentinel key set at start is gone: another test process reused
+        and flushed this Redis database (they are handed out 1-15 in turn per process)."""
+        import redis
+
+        try:
+            with redis.Redis.from_url(self.broker.redis_url, socket_timeout=5) as client:
+                return bool(client.exists(self._sentinel))
+        except redis.RedisError:
+            return True  # unknown; the log tail says the rest
 
     def internal_errors(self) -> list[str]:
         return [line for line in self.log().splitlines() if INTERNAL_ERROR in line]
