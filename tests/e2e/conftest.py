@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,7 @@ import task_scopes
 from task_scopes.testing import CaptureServer
 
 from . import worker_app
-from .harness import API_KEY, Broker, Worker, worker_settings
-
-StartWorker = Callable[..., Worker]
-MakeProducer = Callable[..., Celery]
+from .harness import API_KEY, Broker, MakeProducer, StartWorker, Worker, worker_settings
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 
 import task_scopes
 from task_scopes.testing import CaptureServer
@@ -37,6 +38,9 @@ STOP_TIMEOUT = 90.0
 
 Event = dict[str, Any]
 Predicate = Callable[[Event], bool]
+# The factories the conftest fixtures ``start_worker`` and ``make_producer`` yield.
+StartWorker = Callable[..., "Worker"]
+MakeProducer = Callable[..., Celery]
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ import pytest
 
 from task_scopes.testing import CaptureServer
 
-from .conftest import MakeProducer, StartWorker
 from .harness import (
     Broker,
     Event,
+    MakeProducer,
+    StartWorker,
     exception_type,
     exceptions,
     labelled,

@@ -6,8 +6,7 @@ import pytest
 
 from task_scopes.testing import CaptureServer
 
-from .conftest import MakeProducer, StartWorker
-from .harness import Broker, labelled, wait_events
+from .harness import Broker, MakeProducer, StartWorker, labelled, wait_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 

@@ -13,8 +13,15 @@ import pytest
 
 from task_scopes.testing import CaptureServer
 
-from .conftest import MakeProducer, StartWorker
-from .harness import Broker, labelled, producer_context, props, wait_events
+from .harness import (
+    Broker,
+    MakeProducer,
+    StartWorker,
+    labelled,
+    producer_context,
+    props,
+    wait_events,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 

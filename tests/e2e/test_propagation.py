@@ -12,8 +12,17 @@ from celery import chain, chord, group
 import task_scopes
 from task_scopes.testing import CaptureServer
 
-from .conftest import MakeProducer, StartWorker
-from .harness import EVENT_TIMEOUT, Broker, Event, labelled, producer_context, props, wait_events
+from .harness import (
+    EVENT_TIMEOUT,
+    Broker,
+    Event,
+    MakeProducer,
+    StartWorker,
+    labelled,
+    producer_context,
+    props,
+    wait_events,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 

@@ -12,8 +12,16 @@ import redis
 
 from task_scopes.testing import CaptureServer
 
-from .conftest import MakeProducer, StartWorker
-from .harness import Broker, Event, producer_context, props, wait_events, wait_for_value
+from .harness import (
+    Broker,
+    Event,
+    MakeProducer,
+    StartWorker,
+    producer_context,
+    props,
+    wait_events,
+    wait_for_value,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 

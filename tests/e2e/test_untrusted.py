@@ -13,8 +13,17 @@ import pytest
 import task_scopes
 from task_scopes.testing import CaptureServer
 
-from .conftest import MakeProducer, StartWorker
-from .harness import Broker, Event, Worker, labelled, producer_context, props, wait_events
+from .harness import (
+    Broker,
+    Event,
+    MakeProducer,
+    StartWorker,
+    Worker,
+    labelled,
+    producer_context,
+    props,
+    wait_events,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
