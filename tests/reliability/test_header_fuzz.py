@@ -90,6 +90,8 @@ def _clean_tags(tags: dict[str, Any]) -> dict[str, Any]:
         key = CONTROL.sub("", key)
         if key.startswith(("celery_", "$")) or len(key) > MAX_KEY:
             continue
+        if key in out:  # "plan" and "plan\x00" collapse: the first is kept (clean_tags)
+            continue
         try:
             out[key] = _clean_value(value)
         except Drop:
