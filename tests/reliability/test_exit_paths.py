@@ -5,7 +5,9 @@ process; the measurements are those of ``python bench/soak.py --exit-paths``
 (``bench/_soak_exits.py``), at CI size. Documented behaviour, asserted:
 
 * warm shutdown (SIGTERM) and ``--max-tasks-per-child`` recycling lose nothing, even with
-  a flush interval far longer than the run (only the exit flush can deliver);
+  a flush interval far longer than the run (only the exit flush can deliver), and through
+  a collector outage the exit flush outlasts (``task_scopes_shutdown_timeout``); beyond
+  it, the exit is bounded by that timeout and the loss is logged;
 * cold shutdown (SIGQUIT) loses nothing either: the pool children get SIGTERM, run
   ``worker_process_shutdown`` and flush, and the main process waits for them, also
   through a collector outage shorter than ``task_scopes_shutdown_timeout``;
@@ -43,6 +45,26 @@ def test_warm_shutdown_loses_nothing_with_a_300_s_flush_interval(rig: exits.Rig)
     assert outcome.details["tasks_run"] >= 100  # stopped mid-run, not after the last task
     assert outcome.captured == outcome.details["tasks_run"]
     assert outcome.lost == []
+
+
+def test_warm_shutdown_rides_out_an_outage_shorter_than_the_shutdown_timeout(
+    rig: exits.Rig,
+) -> None:
+    outcome = exits.warm(rig, 200, flush_interval=0.5, outage=3.0, shutdown_timeout=20.0)
+    assert outcome.exit_code == 0
+    assert outcome.captured > 0
+    assert outcome.lost == []
+
+
+def test_warm_shutdown_through_a_longer_outage_is_bounded_and_says_what_it_lost(
+    rig: exits.Rig,
+) -> None:
+    outcome = exits.warm(rig, 200, flush_interval=0.5, outage=8.0, shutdown_timeout=2.0)
+    assert outcome.exit_code == 0
+    assert outcome.details["exit_seconds"] < 8.0  # bounded by the timeout, not the outage
+    assert outcome.lost, "the outage outlasted the shutdown timeout, yet nothing was lost"
+    log = (rig.log_dir / "warm.log").read_text()
+    assert "undelivered at process shutdown" in log
 
 
 def test_recycled_children_deliver_before_the_worker_stops(rig: exits.Rig) -> None:
