@@ -30,6 +30,7 @@ from .support import Records, default_client, memory_app, running, swallowing
 TASKS = 12
 USER = "user-under-fault"
 
+
 class Worker:
     """The app, its task and helpers to run tasks and wait for their results."""
 
