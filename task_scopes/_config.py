@@ -50,6 +50,7 @@ class Options:
     flush_interval: float = 0.5
     max_queue_size: int = 10_000
     timeout: float = 10.0
+    retry_window: float = 30.0
     shutdown_timeout: float = 10.0
 
     @classmethod
@@ -91,6 +92,7 @@ class Options:
             "flush_interval": self.flush_interval,
             "max_queue_size": self.max_queue_size,
             "timeout": self.timeout,
+            "retry_window": self.retry_window,
         }
 
 
@@ -105,7 +107,7 @@ _BOOLS = {
 }
 _POSITIVE_INTS = {"max_header_bytes", "max_tags", "max_key_chars", "max_value_chars",
                   "flush_at", "max_queue_size"}
-_POSITIVE_FLOATS = {"flush_interval", "timeout", "shutdown_timeout"}
+_POSITIVE_FLOATS = {"flush_interval", "timeout", "retry_window", "shutdown_timeout"}
 
 
 def _validate(name: str, key: str, value: Any) -> Any:

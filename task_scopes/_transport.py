@@ -127,7 +127,7 @@ class HttpTransport:
         gzip: compress request bodies (``Content-Encoding: gzip``).
         retry_window: seconds (float) a batch is retried before it is given up.
         max_retries: cap on attempts besides the window; None means the window alone.
-        backoff_factor: seconds; waits are ``factor * 2**n`` capped at 10 s, plus jitter.
+        backoff_factor: seconds; waits are ``factor * 2**n`` capped at 4 s, plus jitter.
     """
 
     def __init__(
@@ -155,7 +155,7 @@ class HttpTransport:
             allowed_methods=None,  # POST is safe to retry: event UUIDs are idempotent
             status_forcelist=RETRY_STATUSES,
             backoff_factor=backoff_factor,
-            backoff_max=10.0,
+            backoff_max=4.0,  # resume within ~4 s of the collector returning
             backoff_jitter=backoff_factor,
             respect_retry_after_header=True,
             raise_on_status=False,

@@ -192,8 +192,9 @@ def clean_tags(
     """Tags as they may travel: JSON-safe, control characters stripped, capped.
 
     Returns ``(tags, dropped)``: the propagated tags and the keys dropped because they
-    could not be encoded, their key was too long, or cleaning made it equal to an earlier
-    key (the first one is kept). ``celery_*`` and ``$`` keys are left out silently (they
+    could not be encoded, their key or string value was too long (strings nested in lists
+    and objects are cut instead), or cleaning made it equal to an earlier key (the first
+    one is kept). ``celery_*`` and ``$`` keys are left out silently (they
     never propagate).
     """
     out: dict[str, Any] = {}
@@ -214,6 +215,9 @@ def clean_tags(
             continue
         kind = type(value)
         if kind is str:
+            if len(value) > limits.max_value_chars:  # dropped and named, never cut silently
+                dropped.append(key)
+                continue
             out[key] = _clean_str(value, limits.max_value_chars)
             continue
         if kind is int or kind is bool or value is None:  # int over 4,300 digits: see below

@@ -53,13 +53,18 @@ key                                 default        meaning
                                                    largest first, with a warning)
 ``task_scopes_max_tags``            64             cap on propagated tags
 ``task_scopes_max_key_chars``       200            longer keys are not propagated
-``task_scopes_max_value_chars``     1000           longer strings are cut
+``task_scopes_max_value_chars``     1000           a longer string tag is not propagated
+                                                   (named in a warning); nested strings
+                                                   are cut
 ``task_scopes_encode_bytes``        False          bytes tag values as base64 (else dropped)
 ``task_scopes_flush_at``            100            events per batch
 ``task_scopes_flush_interval``      0.5            seconds a partial batch waits
 ``task_scopes_max_queue_size``      10000          events held in memory per process
 ``task_scopes_timeout``             10.0           seconds per HTTP attempt
-``task_scopes_shutdown_timeout``    10.0           bound of every exit flush, seconds
+``task_scopes_retry_window``        30.0           seconds a failing batch is retried
+``task_scopes_shutdown_timeout``    10.0           bound of every exit flush, seconds; to
+                                                   ride out a collector outage at exit,
+                                                   set it above the outage + 4 s
 ==================================  =============  ===========================================
 """
 

@@ -44,6 +44,7 @@ EVERY_SETTING: dict[str, Any] = {
     "flush_interval": 2.5,
     "max_queue_size": 99,
     "timeout": 3.0,
+    "retry_window": 45.0,
     "shutdown_timeout": 4.0,
 }
 
@@ -209,6 +210,7 @@ def test_client_options_carry_the_batching_settings() -> None:
             task_scopes_flush_interval=0.25,
             task_scopes_max_queue_size=50,
             task_scopes_timeout=2,
+            task_scopes_retry_window=60,
         )
     )
     assert options.client_options() == {
@@ -216,6 +218,7 @@ def test_client_options_carry_the_batching_settings() -> None:
         "flush_interval": 0.25,
         "max_queue_size": 50,
         "timeout": 2.0,
+        "retry_window": 60.0,
     }
 
 

@@ -224,11 +224,11 @@ def test_keys_over_200_characters_are_dropped_and_named() -> None:
     assert long_key not in header
 
 
-def test_string_values_are_cut_to_1000_characters() -> None:
-    tags = {"s": "a" * 5000, "l": ["b" * 1500], "d": {"x": "c" * 1001}}
+def test_a_string_tag_over_1000_characters_is_dropped_and_named_nested_strings_are_cut() -> None:
+    tags = {"s": "a" * 5000, "ok": "a" * 1000, "l": ["b" * 1500], "d": {"x": "c" * 1001}}
     header, dropped = encode(None, None, tags)
-    assert dropped == []
-    assert _tags(header) == {"s": "a" * 1000, "l": ["b" * 1000], "d": {"x": "c" * 1000}}
+    assert dropped == ["s"]
+    assert _tags(header) == {"ok": "a" * 1000, "l": ["b" * 1000], "d": {"x": "c" * 1000}}
 
 
 def test_control_characters_are_stripped_from_keys_values_and_ids() -> None:
@@ -422,13 +422,15 @@ def test_decode_drops_unusable_tag_values_instead_of_failing() -> None:
     assert decode(header) == WireContext("u", None, {"ok": 1})
 
 
-    tags: dict[str, Any] = {f"k{i}": "v" * 2000 for i in range(100)}
-    tags = {f"k{i}": "v" * 2000 for i in range(100)}
+def test_decode_applies_the_caps_to_what_it_receives() -> None:
+    tags: dict[str, Any] = {"too_long": "v" * 2000}
+    tags.update({f"k{i}": "v" * 500 for i in range(100)})
     tags["k" * 300] = 1
     tags["ctl\x00"] = "a\x07b"
     context = decode(json.dumps({"v": 1, "d": "u\x00" + "x" * 2000, "t": tags}))
     assert context.tags is not None
     assert len(context.tags) == 64
+    assert "too_long" not in context.tags
     assert all(len(v) <= 1000 for v in context.tags.values() if isinstance(v, str))
     assert "k" * 300 not in context.tags
     assert context.distinct_id == "u" + "x" * 999

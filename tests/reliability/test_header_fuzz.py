@@ -92,6 +92,8 @@ def _clean_tags(tags: dict[str, Any]) -> dict[str, Any]:
             continue
         if key in out:  # "plan" and "plan\x00" collapse: the first is kept (clean_tags)
             continue
+        if isinstance(value, str) and len(value) > MAX_VALUE:  # a too-long string tag is dropped
+            continue
         try:
             out[key] = _clean_value(value)
         except Drop:
