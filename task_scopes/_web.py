@@ -16,7 +16,7 @@ import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from . import _api
 from ._internal import guard
@@ -182,6 +182,42 @@ class WebOptions:
             finally:
                 exit_scope(tokens)
         return request_scope
+
+
+App = TypeVar("App")
+Request = TypeVar("Request")
+
+
+class MiddlewareBase(Generic[App, Request]):
+    """The constructor the WSGI and ASGI middleware share: the wrapped app and its options.
+
+    Args:
+        app: the application to wrap.
+        distinct_id_header: header carrying the distinct ID (any case).
+        session_id_header: header carrying the session ID (any case).
+        capture_exceptions: capture an exception escaping the app once, then re-raise it.
+        extra_tags: ``(request) -> mapping | None``, more tags for the request.
+
+    Raises:
+        ValueError / TypeError: an invalid option, naming it.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        distinct_id_header: str = DEFAULT_DISTINCT_ID_HEADER,
+        session_id_header: str = DEFAULT_SESSION_ID_HEADER,
+        capture_exceptions: bool = True,
+        extra_tags: Callable[[Request], Mapping[str, Any] | None] | None = None,
+    ) -> None:
+        self.app = app
+        self.options = WebOptions.build(
+            distinct_id_header=distinct_id_header,
+            session_id_header=session_id_header,
+            capture_exceptions=capture_exceptions,
+            extra_tags=extra_tags,
+        )
 
 
 class RequestScope:

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ._internal import guard
-from ._web import DEFAULT_DISTINCT_ID_HEADER, DEFAULT_SESSION_ID_HEADER, RequestScope, WebOptions
+from ._web import MiddlewareBase, RequestScope
 
 __all__ = ["ContextMiddleware"]
 
@@ -57,7 +57,7 @@ def _request_url(scope: ASGIScope, headers: Mapping[bytes, bytes]) -> str:
     return url
 
 
-class ContextMiddleware:
+class ContextMiddleware(MiddlewareBase[ASGIApp, ASGIScope]):
     """Wrap an ASGI 3 application so each HTTP request runs in its own fresh isolation scope.
 
     The scope is identified from the distinct ID and session ID headers (control
@@ -86,22 +86,6 @@ class ContextMiddleware:
             task_scopes.capture("order placed")   # distinct_id from X-User-Id
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        distinct_id_header: str = DEFAULT_DISTINCT_ID_HEADER,
-        session_id_header: str = DEFAULT_SESSION_ID_HEADER,
-        capture_exceptions: bool = True,
-        extra_tags: Callable[[ASGIScope], Mapping[str, Any] | None] | None = None,
-    ) -> None:
-        self.app = app
-        self.options = WebOptions.build(
-            distinct_id_header=distinct_id_header,
-            session_id_header=session_id_header,
-            capture_exceptions=capture_exceptions,
-            extra_tags=extra_tags,
-        )
 
     def _open(self, scope: ASGIScope) -> RequestScope:
         headers = _header_map(scope)

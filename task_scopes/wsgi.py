@@ -15,21 +15,19 @@ so it never reaches a WSGI middleware; to capture those, connect Flask's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 from wsgiref.util import request_uri
 
 from ._internal import guard
-from ._web import (
-    DEFAULT_DISTINCT_ID_HEADER,
-    DEFAULT_SESSION_ID_HEADER,
-    RequestScope,
-    WebOptions,
-    scoped_iter,
-)
+from ._web import MiddlewareBase, RequestScope, scoped_iter
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from _typeshed.wsgi import (  # WSGIApplication: in the quoted base class below
+        StartResponse,
+        WSGIApplication,  # noqa: F401
+        WSGIEnvironment,
+    )
 
 __all__ = ["ContextMiddleware"]
 
@@ -38,7 +36,7 @@ def _environ_key(header: str) -> str:
     return "HTTP_" + header.upper().replace("-", "_")
 
 
-class ContextMiddleware:
+class ContextMiddleware(MiddlewareBase["WSGIApplication", "WSGIEnvironment"]):
     """Wrap a WSGI application so each request runs in its own fresh isolation scope.
 
     The scope is identified from the distinct ID and session ID headers (control
@@ -65,22 +63,6 @@ class ContextMiddleware:
         task_scopes.capture("page viewed")      # distinct_id "user-1", tenant "a"
     """
 
-    def __init__(
-        self,
-        app: WSGIApplication,
-        *,
-        distinct_id_header: str = DEFAULT_DISTINCT_ID_HEADER,
-        session_id_header: str = DEFAULT_SESSION_ID_HEADER,
-        capture_exceptions: bool = True,
-        extra_tags: Callable[[WSGIEnvironment], Mapping[str, Any] | None] | None = None,
-    ) -> None:
-        self.app = app
-        self.options = WebOptions.build(
-            distinct_id_header=distinct_id_header,
-            session_id_header=session_id_header,
-            capture_exceptions=capture_exceptions,
-            extra_tags=extra_tags,
-        )
 
     def _open(self, environ: WSGIEnvironment) -> RequestScope:
         def get_header(name: str) -> str | None:

@@ -73,9 +73,10 @@ class _Registry:
         the task decides; a task no app registers (``send_task("name")``) goes with the
         current app if it is installed, else the last installed one.
         """
-        registering = [
-            app for app in _state._get_active_apps() if task_name in getattr(app, "_tasks", ())
-        ]
+        active = _state._get_active_apps()
+        if len(active) == 1 and len(self.apps) == 1 and self.last is not None:
+            return self.last  # the usual process: one app, installed; it is the publisher
+        registering = [app for app in active if task_name in getattr(app, "_tasks", ())]
         for app in registering:
             found = self.apps.get(app)
             if found is not None:
