@@ -26,6 +26,7 @@ from pathlib import Path
 
 from celery import Celery
 
+import task_scopes
 import task_scopes.celery
 
 app = Celery("shop", include=["example_worker.tasks"])
@@ -65,7 +66,12 @@ if broker_url.startswith("filesystem://") and os.environ.get("SHOP_BROKER_FOLDER
     # folder while it is being written: see example_worker/_filesystem.py.
     app.conf.broker_transport = "example_worker._filesystem:Transport"
 
-# task_scopes: every task_scopes_* key is read once by install(); see `task_scopes.celery`.
-app.conf.task_scopes_api_key = os.environ.get("SHOP_POSTHOG_API_KEY") or None
-app.conf.task_scopes_host = os.environ.get("SHOP_POSTHOG_HOST", "https://us.i.posthog.com")
+# task_scopes: init() makes the process's client (the web views' events go to it);
+# install() reads every task_scopes_* key once and binds the app's client to each task
+# run: with the same key and host it is init()'s client. See `task_scopes.celery`.
+api_key = os.environ.get("SHOP_POSTHOG_API_KEY") or None
+host = os.environ.get("SHOP_POSTHOG_HOST", "https://us.i.posthog.com")
+task_scopes.init(api_key, host)
+app.conf.task_scopes_api_key = api_key
+app.conf.task_scopes_host = host
 task_scopes.celery.install(app)

@@ -1,26 +1,26 @@
-"""The PostHog-v6-shaped API: contexts, tags, identity, and the default client."""
+"""The PostHog-v6-shaped API: contexts, tags, identity, and the client they resolve."""
 
 from __future__ import annotations
 
-import atexit
 import functools
 import inspect
-import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-from ._client import Client
+from . import _defaults
+from ._client import Client, register_exit_flush
 from ._scope import (
     Scope,
-    _fork_active,
+    bound_client,
     enter_scope,
     exit_scope,
+    fork_active,
+    get_global_scope,
     get_isolation_scope,
     merged_context,
 )
-from ._transport import DEFAULT_HOST
 
 __all__ = [
     "capture",
@@ -43,22 +43,36 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_client = Client(disabled=True)
-_client_lock = threading.Lock()
-_atexit_registered = False
+_DISABLED = Client(disabled=True)
 
 
 def get_client() -> Client:
-    """The process-wide default client: disabled until :func:`init` (or the Celery
-    plugin's ``install()`` with an API key) created one."""
-    return _client
+    """The client events captured here go to.
+
+    The nearest scope with a client wins: current, then isolation, then global (where
+    :func:`init` binds its client); inside ``task_scopes.testing.capture_events()`` that
+    block's client wins over all of them. With none bound, a disabled client whose
+    ``capture()`` returns None.
+
+    Example::
+
+        task_scopes.init("phc_main")
+        with task_scopes.isolation_scope() as scope:
+            scope.set_client(task_scopes.Client("phc_other"))
+            get_client().api_key            # "phc_other"
+        get_client().api_key                # "phc_main"
+    """
+    client = bound_client()
+    return client if client is not None else _DISABLED
 
 
 def init(api_key: str | None = None, host: str | None = None, **client_options: Any) -> Client:
-    """Create the default client, make it the one module-level calls use, and return it.
+    """Create a client, bind it to the global scope, and return it.
 
-    A previous default client is flushed and shut down (bounded by its ``timeout``
-    option, default 10 s). The new one is flushed at interpreter exit.
+    Module-level calls (:func:`capture`...) use it wherever no nearer scope has a client
+    of its own (a Celery app installed with ``task_scopes_api_key`` binds one to each of
+    its task runs). A client that ``init()`` bound before is flushed and shut down (bounded
+    by its ``timeout`` option, default 10 s). Every client is flushed at interpreter exit.
 
     Args:
         api_key: project API key; None gives a disabled client unless ``transport`` is set.
@@ -68,20 +82,14 @@ def init(api_key: str | None = None, host: str | None = None, **client_options: 
     Raises:
         ValueError / TypeError: for invalid options, naming the option.
     """
-    global _client, _atexit_registered
-    client = Client(api_key, host or DEFAULT_HOST, **client_options)
-    with _client_lock:
-        old, _client = _client, client
-        if not _atexit_registered:
-            atexit.register(_shutdown_at_exit)
-            _atexit_registered = True
-    if old is not client and not old.disabled:
-        old.shutdown(timeout=client_options.get("timeout", 10.0))
+    client = Client(api_key, host or _defaults.HOST, **client_options)
+    scope = get_global_scope()
+    old = scope.client
+    scope.set_client(client)
+    register_exit_flush()
+    if old is not None and old is not client and not old.disabled:
+        old.shutdown(timeout=client_options.get("timeout", _defaults.TIMEOUT))
     return client
-
-
-def _shutdown_at_exit() -> None:
-    _client.shutdown(timeout=10.0)
 
 
 def capture(
@@ -92,7 +100,7 @@ def capture(
     timestamp: datetime | str | None = None,
     uuid: str | None = None,
 ) -> str | None:
-    """Capture an event with the default client; see :meth:`Client.capture`.
+    """Capture an event with :the client of :func:`get_client`; see :meth:`Client.capture`.
 
     Example::
 
@@ -101,7 +109,7 @@ def capture(
             capture("order_processed")     # distinct_id "user-1"
         capture("order_processed")         # personless: no distinct ID out here
     """
-    return _client.capture(
+    return get_client().capture(
         event, distinct_id=distinct_id, properties=properties, timestamp=timestamp, uuid=uuid
     )
 
@@ -112,29 +120,32 @@ def capture_exception(
     distinct_id: str | None = None,
     properties: Mapping[str, Any] | None = None,
 ) -> str | None:
-    """Capture an exception with the default client; see :meth:`Client.capture_exception`."""
-    return _client.capture_exception(exc, distinct_id=distinct_id, properties=properties)
+    """Capture an exception with :the client of :func:`get_client`; see
+    :meth:`Client.capture_exception`."""
+    return get_client().capture_exception(exc, distinct_id=distinct_id, properties=properties)
 
 
 def set(*, distinct_id: str | None = None, properties: Mapping[str, Any]) -> str | None:  # noqa: A001
-    """Set person properties with the default client (``$set``)."""
-    return _client.set(distinct_id=distinct_id, properties=properties)
+    """Set person properties with the client of :func:`get_client` (``$set``)."""
+    return get_client().set(distinct_id=distinct_id, properties=properties)
 
 
 def set_once(*, distinct_id: str | None = None, properties: Mapping[str, Any]) -> str | None:
-    """Set person properties where unset, with the default client (``$set_once``)."""
-    return _client.set_once(distinct_id=distinct_id, properties=properties)
+    """Set person properties where unset (``$set_once``), with :func:`get_client`'s
+    client."""
+    return get_client().set_once(distinct_id=distinct_id, properties=properties)
 
 
 def flush(timeout: float | None = 10.0) -> int:
-    """Flush the default client. timeout: seconds (float); None waits forever.
+    """Flush the client of :func:`get_client`. timeout: seconds (float); None waits forever.
     Returns the number of events still undelivered."""
-    return _client.flush(timeout)
+    return get_client().flush(timeout)
 
 
 def shutdown(timeout: float | None = 10.0) -> int:
-    """Flush and stop the default client. Returns the number of events still undelivered."""
-    return _client.shutdown(timeout)
+    """Flush and stop :the client of :func:`get_client`. timeout: seconds (float); None waits
+    forever. Returns the number of events still undelivered."""
+    return get_client().shutdown(timeout)
 
 
 # -- contexts --------------------------------------------------------------------------
@@ -175,7 +186,7 @@ class new_context:  # noqa: N801 - PostHog's name; a class so it is also a decor
         if self.fresh:
             isolation, current = Scope(), Scope()
         else:
-            isolation, current = _fork_active()
+            isolation, current = fork_active()
         self._tokens = enter_scope(isolation, current)
         return isolation
 
@@ -187,7 +198,7 @@ class new_context:  # noqa: N801 - PostHog's name; a class so it is also a decor
     ) -> None:
         try:
             if exc is not None and self.capture_exceptions and isinstance(exc, Exception):
-                _client.capture_exception(exc, mechanism="new_context", handled=False)
+                get_client().capture_exception(exc, mechanism="new_context", handled=False)
         finally:
             tokens, self._tokens = self._tokens, None
             exit_scope(tokens)
@@ -256,11 +267,3 @@ def get_context_distinct_id() -> str | None:
 def get_context_session_id() -> str | None:
     """The session ID seen here (current -> isolation -> global), or None."""
     return merged_context()[1]
-
-
-def _set_client(client: Client) -> Client:
-    """Make ``client`` the default without shutting down the previous one; return it."""
-    global _client
-    with _client_lock:
-        previous, _client = _client, client
-    return previous

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
@@ -14,19 +15,23 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-from ._consumer import Consumer
+from . import _defaults
+from ._consumer import Consumer, Counters
 from ._exceptions import exception_list, mark_captured
-from ._internal import RateLimitedLog, guard, logger, set_reraise
+from ._internal import RateLimitedLog, guard, logger
 from ._scope import merged_context
-from ._transport import DEFAULT_HOST, HttpTransport, Transport
+from ._transport import HttpTransport, Transport
 from ._version import __version__
 
-__all__ = ["Client", "ClientStats", "Event"]
+__all__ = ["Client", "ClientStats", "Event", "flush_all", "register_exit_flush"]
 
 Event = dict[str, Any]
 BeforeSend = Callable[[Event], "Event | None"]
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
+_clients_lock = threading.Lock()
+# A debug client's own log lines go here (and to stderr); other clients never touch it.
+debug_logger = logging.getLogger("task_scopes.debug")
 _CAPTURE_GUARD = guard("capture")
 _getrandbits = random.getrandbits  # reseeded after os.fork() by the random module
 
@@ -76,7 +81,7 @@ class Client:
     Args:
         api_key: project API key; None (and no ``transport``) makes a disabled client.
         host: capture host, e.g. ``https://eu.i.posthog.com``.
-        flush_at: events per batch (int >= 1); a full batch is sent at once.
+        flush_at: queued events (int >= 1) that wake the consumer to send at once.
         flush_interval: seconds (float) a partial batch may wait.
         max_queue_size: events held in memory; a capture beyond it is dropped and counted.
         timeout: seconds (float) per HTTP attempt.
@@ -86,20 +91,22 @@ class Client:
         transport: where batches go; default :class:`HttpTransport` to ``host``.
         before_send: ``(event) -> event | None``; None drops the event.
         disabled: accept nothing; ``capture()`` returns None.
-        debug: log at DEBUG and make internal errors raise instead of being swallowed.
+        debug: log this client's captures and deliveries at DEBUG on the
+            ``task_scopes.debug`` logger, which then also writes to stderr. Nothing
+            process-wide changes: other clients log as before.
     """
 
     def __init__(
         self,
         api_key: str | None = None,
-        host: str = DEFAULT_HOST,
+        host: str = _defaults.HOST,
         *,
-        flush_at: int = 100,
-        flush_interval: float = 0.5,
-        max_queue_size: int = 10_000,
-        timeout: float = 10.0,
+        flush_at: int = _defaults.FLUSH_AT,
+        flush_interval: float = _defaults.FLUSH_INTERVAL,
+        max_queue_size: int = _defaults.MAX_QUEUE_SIZE,
+        timeout: float = _defaults.TIMEOUT,
         max_retries: int | None = None,
-        retry_window: float = 30.0,
+        retry_window: float = _defaults.RETRY_WINDOW,
         gzip: bool = True,
         transport: Transport | None = None,
         before_send: BeforeSend | None = None,
@@ -130,26 +137,25 @@ class Client:
                 max_retries=max_retries,
             )
         self.transport = transport
+        self.debug = debug
         if debug:
-            set_reraise(True)
-            logger.setLevel(logging.DEBUG)
+            _enable_debug_logging()
         self._reset()
-        _clients.add(self)
+        with _clients_lock:
+            _clients.add(self)
 
     def _reset(self) -> None:
         """Fresh per-process state: queue, locks, consumer (started lazily), counters."""
         self._queue: deque[Event] = deque()
         self._start_lock = threading.Lock()
         self._consumer: Consumer | None = None
-        self._dropped = 0
-        self._finished: list[Consumer] = []
+        self._counters = Counters()
         self._log = RateLimitedLog(60.0)
 
     def _after_fork_in_child(self) -> None:
         self._reset()
-        after_fork = getattr(self.transport, "after_fork_in_child", None)
-        if after_fork is not None:
-            after_fork()
+        if self.transport is not None:
+            self.transport.after_fork_in_child()
 
     def __repr__(self) -> str:
         state = "disabled" if self.disabled else self.host
@@ -216,7 +222,11 @@ class Client:
                     logger.debug("task_scopes: before_send dropped event %r", event)
                     return None
                 message = kept
-            return uid if self._enqueue(message) else None
+            if not self._enqueue(message):
+                return None
+            if self.debug:
+                debug_logger.debug("task_scopes: %r captured event %r (%s)", self, event, uid)
+            return uid
         return None
 
     def capture_exception(
@@ -258,9 +268,7 @@ class Client:
             return self.capture("$exception", distinct_id=distinct_id, properties=props)
         return None
 
-    def set(
-        self, *, distinct_id: str | None = None, properties: Mapping[str, Any]
-    ) -> str | None:
+    def set(self, *, distinct_id: str | None = None, properties: Mapping[str, Any]) -> str | None:
         """Set person properties (``$set``) on the given or the scopes' distinct ID."""
         return self.capture("$set", distinct_id=distinct_id, properties={"$set": dict(properties)})
 
@@ -273,8 +281,9 @@ class Client:
         )
 
     def _count_drop(self) -> None:
-        with self._start_lock:
-            self._dropped += 1
+        counters = self._counters
+        with counters.cv:
+            counters.dropped += 1
 
     def _enqueue(self, message: Event) -> bool:
         queue = self._queue
@@ -299,6 +308,7 @@ class Client:
                 consumer = Consumer(
                     self._queue,
                     self.transport,
+                    self._counters,
                     flush_at=self.flush_at,
                     flush_interval=self.flush_interval,
                 )
@@ -335,7 +345,6 @@ class Client:
             consumer, self._consumer = self._consumer, None
         if consumer is None:
             return len(self._queue)
-        self._finished.append(consumer)
         undelivered = consumer.wait_idle(timeout)
         consumer.stop()
         if undelivered == 0:
@@ -344,29 +353,70 @@ class Client:
 
     def stats(self) -> ClientStats:
         """A snapshot of this client's counters in this process."""
-        consumers = [*self._finished]
-        if self._consumer is not None:
-            consumers.append(self._consumer)
-        taken = in_flight = delivered = failed = dropped = 0
-        for consumer in consumers:
-            with consumer.cv:
-                taken += consumer.taken
-                in_flight += consumer.in_flight
-                delivered += consumer.delivered
-                failed += consumer.failed
-                dropped += consumer.dropped
-        queued = len(self._queue)
-        return ClientStats(
-            captured=taken + queued,
-            queued=queued,
-            in_flight=in_flight,
-            delivered=delivered,
-            failed=failed,
-            dropped=dropped + self._dropped,
-        )
+        counters = self._counters
+        with counters.cv:
+            queued = len(self._queue)
+            return ClientStats(
+                captured=counters.taken + queued,
+                queued=queued,
+                in_flight=counters.in_flight,
+                delivered=counters.delivered,
+                failed=counters.failed,
+                dropped=counters.dropped,
+            )
+
+
+def _enable_debug_logging() -> None:
+    if not debug_logger.handlers:
+        debug_logger.addHandler(logging.StreamHandler())
+    debug_logger.setLevel(logging.DEBUG)
+
+
+def live_clients() -> list[Client]:
+    """Every enabled client of this process that is still referenced."""
+    with _clients_lock:
+        return [client for client in _clients if not client.disabled]
+
+
+def flush_all(timeout: float | None, *, stop: bool = False) -> int:
+    """Flush every enabled client (``stop=True``: shut each down), within one deadline.
+
+    Args:
+        timeout: seconds (float) for all clients together; None waits forever.
+        stop: shut the clients down after flushing (a later ``capture()`` restarts one).
+
+    Returns:
+        The number of events still undelivered, summed over the clients.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    left = 0
+    for client in live_clients():
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        left += client.shutdown(remaining) if stop else client.flush(remaining)
+    return left
+
+
+_exit_flush_registered = False
+
+
+def _flush_at_exit() -> None:
+    left = flush_all(_defaults.SHUTDOWN_TIMEOUT, stop=True)
+    if left:
+        logger.warning("task_scopes: %d events undelivered at exit", left)
+
+
+def register_exit_flush() -> None:
+    """Flush every client at interpreter exit (bounded; registered once per process)."""
+    global _exit_flush_registered
+    with _clients_lock:
+        if not _exit_flush_registered:
+            atexit.register(_flush_at_exit)
+            _exit_flush_registered = True
 
 
 def _after_fork_in_child() -> None:
+    global _clients_lock
+    _clients_lock = threading.Lock()  # another thread may have held it at the fork
     for client in list(_clients):
         client._after_fork_in_child()
 

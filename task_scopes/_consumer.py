@@ -9,18 +9,37 @@ import time
 from collections import deque
 from typing import Any
 
+from ._defaults import MAX_BATCH_BYTES, MAX_EVENT_BYTES
 from ._internal import RateLimitedLog, guard
+from ._json import json_default
 from ._transport import Transport
-from ._wire import json_default
 
-__all__ = ["MAX_BATCH_BYTES", "MAX_EVENT_BYTES", "Consumer"]
-
-MAX_EVENT_BYTES = 900 * 1024
-MAX_BATCH_BYTES = 5 * 1024 * 1024
+__all__ = ["Consumer", "Counters"]
 
 _dumps = json.JSONEncoder(
     default=json_default, separators=(",", ":"), ensure_ascii=False, check_circular=True
 ).encode
+
+
+class Counters:
+    """The counters of one client in one process, read and written under :attr:`cv`.
+
+    ``taken``: events the consumer removed from the queue; ``in_flight``: events of the
+    batch being sent; ``delivered``; ``failed``: given up by the transport; ``dropped``:
+    refused by the client (queue full, ``before_send``) or the consumer (too large,
+    unserializable). The client owns them; each consumer it starts adds to them, so they
+    survive ``shutdown()`` and a restart.
+    """
+
+    __slots__ = ("cv", "delivered", "dropped", "failed", "in_flight", "taken")
+
+    def __init__(self) -> None:
+        self.cv = threading.Condition(threading.Lock())
+        self.taken = 0
+        self.in_flight = 0
+        self.delivered = 0
+        self.failed = 0
+        self.dropped = 0
 
 
 class Consumer(threading.Thread):
@@ -31,15 +50,14 @@ class Consumer(threading.Thread):
     batches of <= ``flush_at`` events and <= 5 MiB. Events over 900 KiB, or that cannot be
     serialized, are dropped and counted.
 
-    Counters (read under :attr:`cv`): ``taken`` events removed from the queue so far,
-    ``in_flight`` events of the batch being sent, ``delivered``, ``failed`` (given up by
-    the transport), ``dropped`` (too large or unserializable).
+    It counts what it does in the client's :class:`Counters`.
     """
 
     def __init__(
         self,
         queue: deque[dict[str, Any]],
         transport: Transport,
+        counters: Counters,
         *,
         flush_at: int,
         flush_interval: float,
@@ -47,14 +65,10 @@ class Consumer(threading.Thread):
         super().__init__(name="task_scopes-consumer", daemon=True)
         self.queue = queue
         self.transport = transport
+        self.counters = counters
+        self.cv = counters.cv
         self.flush_at = flush_at
         self.flush_interval = flush_interval
-        self.cv = threading.Condition(threading.Lock())
-        self.taken = 0
-        self.in_flight = 0
-        self.delivered = 0
-        self.failed = 0
-        self.dropped = 0
         self._wake = threading.Event()
         self._stopping = False
         self._log = RateLimitedLog(30.0)
@@ -70,7 +84,7 @@ class Consumer(threading.Thread):
 
     def pending(self) -> int:
         """Events queued or in flight. Call with :attr:`cv` held for a consistent figure."""
-        return len(self.queue) + self.in_flight
+        return len(self.queue) + self.counters.in_flight
 
     def run(self) -> None:
         while True:
@@ -92,10 +106,11 @@ class Consumer(threading.Thread):
             try:
                 undelivered = self.transport.send(batch)
             finally:
+                counters = self.counters
                 with self.cv:
-                    self.in_flight = 0
-                    self.delivered += len(batch) - undelivered
-                    self.failed += undelivered
+                    counters.in_flight = 0
+                    counters.delivered += len(batch) - undelivered
+                    counters.failed += undelivered
                     self.cv.notify_all()
 
     def _take(self) -> list[str]:
@@ -103,15 +118,16 @@ class Consumer(threading.Thread):
         batch: list[str] = []
         size = 0
         queue = self.queue
+        counters = self.counters
         while queue and len(batch) < self.flush_at:
             event = queue.popleft()
-            self.taken += 1
+            counters.taken += 1
             try:
                 item = _dumps(event)
             except Exception as exc:  # one bad event must not take its batch down with it
                 # TypeError/ValueError (circular), RecursionError (nested too deep), or
                 # whatever a property's own __str__ raised
-                self.dropped += 1
+                counters.dropped += 1
                 self._log.log(
                     logging.WARNING,
                     "task_scopes: dropped event %r: cannot serialize (%s)",
@@ -130,7 +146,7 @@ class Consumer(threading.Thread):
                     item = item.encode("utf-8", "replace").decode()
                     n = len(item.encode())
             if n > MAX_EVENT_BYTES:
-                self.dropped += 1
+                counters.dropped += 1
                 self._log.warning(
                     "task_scopes: dropped event %r of %d bytes (limit %d)",
                     event.get("event"),
@@ -140,11 +156,11 @@ class Consumer(threading.Thread):
                 continue
             if batch and size + n > MAX_BATCH_BYTES:
                 queue.appendleft(event)
-                self.taken -= 1
+                counters.taken -= 1
                 break
             batch.append(item)
             size += n + 1
-        self.in_flight = len(batch)
+        counters.in_flight = len(batch)
         return batch
 
     def wait_idle(self, timeout: float | None) -> int:
@@ -156,8 +172,9 @@ class Consumer(threading.Thread):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         self.wake()
+        counters = self.counters
         with self.cv:
-            lost_before = self.failed + self.dropped
+            lost_before = counters.failed + counters.dropped
             while self.pending():
                 if not self.is_alive():
                     break
@@ -166,4 +183,4 @@ class Consumer(threading.Thread):
                     break
                 self.cv.wait(remaining if remaining is None else min(remaining, 0.5))
                 self.wake()
-            return self.pending() + self.failed + self.dropped - lost_before
+            return self.pending() + counters.failed + counters.dropped - lost_before

@@ -28,18 +28,26 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from ._client import Client
 
 __all__ = [
     "Scope",
+    "Tokens",
+    "active_isolation_scope",
+    "bound_client",
     "enter_scope",
     "exit_scope",
+    "fork_active",
     "get_current_scope",
     "get_global_scope",
     "get_isolation_scope",
     "isolation_scope",
     "merged_context",
     "new_scope",
+    "override_client",
     "use_isolation_scope",
 ]
 
@@ -67,7 +75,8 @@ class Scope:
     """Distinct ID, session ID and tags of one scope.
 
     A scope is a plain mutable holder; which scope a call reads or writes is decided by the
-    module-level functions. ``fork()`` copies it (tags are copied, values are shared).
+    module-level functions. ``fork()`` copies it (tags are copied, values and the bound
+    client are shared).
 
     Example::
 
@@ -77,7 +86,7 @@ class Scope:
         assert scope.tags["plan"] == "pro"
     """
 
-    __slots__ = ("_distinct_id", "_owner", "_session_id", "_tags")
+    __slots__ = ("_client", "_distinct_id", "_owner", "_session_id", "_tags")
 
     def __init__(
         self,
@@ -90,6 +99,7 @@ class Scope:
         self._session_id = session_id
         self._tags: dict[str, Any] = dict(tags) if tags else {}
         self._owner: object = None
+        self._client: Client | None = None
 
     def __repr__(self) -> str:
         return (
@@ -104,6 +114,7 @@ class Scope:
         child._session_id = self._session_id
         child._tags = self._tags.copy()
         child._owner = None
+        child._client = self._client
         return child
 
     @property
@@ -121,6 +132,17 @@ class Scope:
         """Tags set on this scope itself, as a read-only copy."""
         return dict(self._tags)
 
+    @property
+    def client(self) -> Client | None:
+        """The client bound to this scope itself (not inherited), or None."""
+        return self._client
+
+    def set_client(self, client: Client | None) -> None:
+        """Bind ``client`` to this scope (None unbinds): events captured while this scope is
+        active go to it, unless a nearer scope has one. See :func:`task_scopes.get_client`.
+        """
+        self._client = client
+
     def set_distinct_id(self, distinct_id: str | None) -> None:
         """Set (or with None, unset) the distinct ID of this scope."""
         self._distinct_id = distinct_id
@@ -133,6 +155,10 @@ class Scope:
         """Set one tag; ``key`` is a property name, ``value`` anything JSON can carry."""
         self._tags[key] = value
 
+    def update_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set several tags at once; later keys win, as with ``dict.update``."""
+        self._tags.update(tags)
+
     def remove_tag(self, key: str) -> None:
         """Remove one tag of this scope; a missing key is ignored."""
         self._tags.pop(key, None)
@@ -142,6 +168,7 @@ class Scope:
         self._distinct_id = None
         self._session_id = None
         self._tags = {}
+        self._client = None
 
 
 _global_scope = Scope()
@@ -178,17 +205,25 @@ def get_isolation_scope() -> Scope:
     return _writable(_isolation_var)
 
 
+def active_isolation_scope() -> Scope | None:
+    """The isolation scope active here, or None; unlike :func:`get_isolation_scope` it
+    neither creates nor forks one."""
+    return _isolation_var.get()
+
+
 def get_current_scope() -> Scope:
     """The current scope of this thread or asyncio task, created on first use."""
     return _writable(_current_var)
 
 
-class _Tokens(NamedTuple):
+class Tokens(NamedTuple):
+    """What :func:`enter_scope` returns and :func:`exit_scope` takes."""
+
     isolation: Token[Scope | None]
     current: Token[Scope | None]
 
 
-def enter_scope(isolation: Scope, current: Scope | None = None) -> _Tokens:
+def enter_scope(isolation: Scope, current: Scope | None = None) -> Tokens:
     """Make ``isolation`` (and ``current``, default a new empty scope) active here.
 
     Returns the tokens :func:`exit_scope` needs; that pair restores exactly what was active
@@ -200,10 +235,10 @@ def enter_scope(isolation: Scope, current: Scope | None = None) -> _Tokens:
     if current is None:
         current = Scope()
     current._owner = me
-    return _Tokens(_isolation_var.set(isolation), _current_var.set(current))
+    return Tokens(_isolation_var.set(isolation), _current_var.set(current))
 
 
-def exit_scope(tokens: _Tokens) -> None:
+def exit_scope(tokens: Tokens) -> None:
     """Restore what was active before the :func:`enter_scope` that returned ``tokens``.
 
     Raises:
@@ -214,7 +249,9 @@ def exit_scope(tokens: _Tokens) -> None:
     _isolation_var.reset(tokens.isolation)
 
 
-def _fork_active() -> tuple[Scope, Scope]:
+def fork_active() -> tuple[Scope, Scope]:
+    """Copies of the active isolation and current scopes (new empty ones where none is
+    active), for a block that must inherit everything and leak nothing back."""
     isolation = _isolation_var.get()
     current = _current_var.get()
     return (
@@ -234,7 +271,7 @@ def isolation_scope() -> Iterator[Scope]:
             scope.set_tag("plan", "free")   # only inside the block
         assert get_tags()["plan"] == "pro"
     """
-    isolation, current = _fork_active()
+    isolation, current = fork_active()
     tokens = enter_scope(isolation, current)
     try:
         yield isolation
@@ -270,14 +307,18 @@ def use_isolation_scope(scope: Scope) -> Iterator[Scope]:
         exit_scope(tokens)
 
 
-def merged_context() -> tuple[str | None, str | None, dict[str, Any]]:
+def merged_context(
+    include_global: bool = True,
+) -> tuple[str | None, str | None, dict[str, Any]]:
     """``(distinct_id, session_id, tags)`` as seen from here: current -> isolation -> global.
 
-    Tags are a new dict the caller may keep or change.
+    Tags are a new dict the caller may keep or change. ``include_global=False`` leaves the
+    global scope out: what a task published from here carries (the global scope describes
+    the producer process, and the worker has its own).
     """
     isolation = _isolation_var.get()
     current = _current_var.get()
-    tags = _global_scope._tags.copy()
+    tags = _global_scope._tags.copy() if include_global else {}
     distinct_id = session_id = None
     for scope in (current, isolation):
         if scope is None:
@@ -290,8 +331,35 @@ def merged_context() -> tuple[str | None, str | None, dict[str, Any]]:
         tags.update(isolation._tags)
     if current is not None and current._tags:
         tags.update(current._tags)
-    if distinct_id is None:
-        distinct_id = _global_scope._distinct_id
-    if session_id is None:
-        session_id = _global_scope._session_id
+    if include_global:
+        if distinct_id is None:
+            distinct_id = _global_scope._distinct_id
+        if session_id is None:
+            session_id = _global_scope._session_id
     return distinct_id, session_id, tags
+
+
+# Set by task_scopes.testing.capture_events(): wins over every binding, in every thread.
+_override: Client | None = None
+
+
+def override_client(client: Client | None) -> Client | None:
+    """Make ``client`` win over every scope's binding, process-wide (None: stop). Returns
+    the previous override. For ``task_scopes.testing.capture_events()``."""
+    global _override
+    previous, _override = _override, client
+    return previous
+
+
+def bound_client() -> Client | None:
+    """The client events captured here go to: the override, else the nearest scope's
+    (current -> isolation -> global), else None."""
+    if _override is not None:
+        return _override
+    current = _current_var.get()
+    if current is not None and current._client is not None:
+        return current._client
+    isolation = _isolation_var.get()
+    if isolation is not None and isolation._client is not None:
+        return isolation._client
+    return _global_scope._client

@@ -1,9 +1,9 @@
 """Transports: where batches of serialized events go.
 
 A batch is a list of JSON strings, one event each, already bounded by the consumer
-(<= ``flush_at`` events, <= 5 MiB). ``send()`` returns how many of them were *not*
-delivered; it may block (the consumer thread calls it) but must not raise for delivery
-failures.
+(<= 5 MiB). ``send()`` returns how many of them were *not* delivered; it may block (the
+consumer thread calls it) but must not raise for delivery failures. Subclass
+:class:`BaseTransport` and override what you need.
 """
 
 from __future__ import annotations
@@ -22,32 +22,55 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from . import _defaults
 from ._internal import RateLimitedLog, logger
 from ._version import __version__
 
-__all__ = ["HttpTransport", "InMemoryTransport", "JsonlTransport", "Transport", "batch_body"]
+__all__ = [
+    "BaseTransport",
+    "HttpTransport",
+    "InMemoryTransport",
+    "JsonlTransport",
+    "Transport",
+    "batch_body",
+]
 
-DEFAULT_HOST = "https://us.i.posthog.com"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 @runtime_checkable
 class Transport(Protocol):
-    """What the client hands batches to."""
+    """What the client hands batches to; :class:`BaseTransport` implements the hooks."""
 
     def send(self, batch: Sequence[str]) -> int:
         """Deliver ``batch`` (JSON event strings). Returns the number not delivered."""
 
     def close(self) -> None:
+        """Release connections and files."""
+
+    def after_fork_in_child(self) -> None:
+        """Replace locks and connections inherited from the parent after ``os.fork()``."""
+
+
+class BaseTransport:
+    """Base class of transports: ``send()`` to implement, hooks that do nothing by default."""
+
+    def send(self, batch: Sequence[str]) -> int:
+        """Deliver ``batch`` (JSON event strings, one event each). Returns the number not
+        delivered. Called from the consumer thread only; may block, must not raise for
+        delivery failures."""
+        raise NotImplementedError
+
+    def close(self) -> None:
         """Release connections and files. ``Client.shutdown()`` does not call it, since a
         shut-down client starts again on its next ``capture()``; whoever made the
-        transport closes it when done with it.
+        transport closes it when done with it. Does nothing by default."""
 
-        A transport may also define ``after_fork_in_child() -> None``; the client calls it
-        in the child after ``os.fork()`` to replace locks and connections inherited from
-        the parent (a lock held by the parent's consumer thread at the fork would never be
-        released in the child).
-        """
+    def after_fork_in_child(self) -> None:
+        """Called by the client in the child after ``os.fork()``: replace locks and
+        connections inherited from the parent (a lock held by the parent's consumer
+        thread at the fork would never be released in the child). Does nothing by
+        default."""
 
 
 def batch_body(api_key: str, batch: Sequence[str]) -> bytes:
@@ -62,7 +85,7 @@ class _WindowRetry(Retry):
     """urllib3 ``Retry`` that also gives up once ``window`` seconds passed since the first
     failure of this request, however many attempts that took."""
 
-    window: float = 30.0
+    window: float = _defaults.RETRY_WINDOW
     _first_failure: float | None = None
 
     def new(self, **kw: Any) -> _WindowRetry:
@@ -111,7 +134,7 @@ class _QuietConsumerRetries(logging.Filter):
 logging.getLogger("urllib3.connectionpool").addFilter(_QuietConsumerRetries())
 
 
-class HttpTransport:
+class HttpTransport(BaseTransport):
     """POSTs batches to ``{host}/batch/`` in PostHog's capture format over ``requests``.
 
     One ``requests.Session`` per process (replaced after ``os.fork()``). Connection errors,
@@ -133,11 +156,11 @@ class HttpTransport:
     def __init__(
         self,
         api_key: str,
-        host: str = DEFAULT_HOST,
+        host: str = _defaults.HOST,
         *,
-        timeout: float = 10.0,
+        timeout: float = _defaults.TIMEOUT,
         gzip: bool = True,
-        retry_window: float = 30.0,
+        retry_window: float = _defaults.RETRY_WINDOW,
         max_retries: int | None = None,
         backoff_factor: float = 0.5,
     ) -> None:
@@ -155,7 +178,7 @@ class HttpTransport:
             allowed_methods=None,  # POST is safe to retry: event UUIDs are idempotent
             status_forcelist=RETRY_STATUSES,
             backoff_factor=backoff_factor,
-            backoff_max=4.0,  # resume within ~4 s of the collector returning
+            backoff_max=_defaults.RETRY_BACKOFF_MAX,  # resume soon after the collector returns
             backoff_jitter=backoff_factor,
             respect_retry_after_header=True,
             raise_on_status=False,
@@ -224,7 +247,7 @@ class HttpTransport:
         self._session.close()
 
 
-class InMemoryTransport:
+class InMemoryTransport(BaseTransport):
     """Keeps every delivered event as a dict in ``events`` (tests, ``capture_events()``)."""
 
     def __init__(self) -> None:
@@ -246,11 +269,8 @@ class InMemoryTransport:
         """A new lock: the parent's consumer may have held the old one at the fork."""
         self._lock = threading.Lock()
 
-    def close(self) -> None:
-        pass
 
-
-class JsonlTransport:
+class JsonlTransport(BaseTransport):
     """Appends each event as one JSON line to ``path`` (offline and local development).
 
     Safe across processes for lines under the pipe-buffer size: each batch is one
@@ -274,6 +294,3 @@ class JsonlTransport:
     def after_fork_in_child(self) -> None:
         """A new lock: the parent's consumer may have held the old one at the fork."""
         self._lock = threading.Lock()
-
-    def close(self) -> None:
-        pass

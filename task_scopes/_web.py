@@ -20,8 +20,8 @@ from typing import Any, Generic, TypeVar
 
 from . import _api
 from ._internal import guard
-from ._scope import Scope, _Tokens, enter_scope, exit_scope
-from ._wire import _CONTROL  # the one definition of "control character" (Cc, surrogates)
+from ._json import strip_control
+from ._scope import Scope, Tokens, enter_scope, exit_scope
 
 __all__ = [
     "DEFAULT_DISTINCT_ID_HEADER",
@@ -69,7 +69,7 @@ def clean_header_value(raw: str | bytes | None, max_chars: int = MAX_ID_CHARS) -
             text = raw
     else:
         text = _decode(raw)
-    text = _CONTROL.sub("", text).strip()[:max_chars].strip()
+    text = strip_control(text).strip()[:max_chars].strip()
     return text or None
 
 
@@ -165,7 +165,7 @@ class WebOptions:
             session_id=clean_header_value(get_header(self.session_id_header)),
         )
         if url:
-            scope.set_tag("$current_url", _CONTROL.sub("", url)[:MAX_URL_CHARS])
+            scope.set_tag("$current_url", strip_control(url)[:MAX_URL_CHARS])
         if method:
             scope.set_tag("$request_method", method)
         request_scope = RequestScope(
@@ -255,7 +255,7 @@ class _Activation:
 
     def __init__(self, request_scope: RequestScope) -> None:
         self._request_scope = request_scope
-        self._tokens: _Tokens | None = None
+        self._tokens: Tokens | None = None
 
     def __enter__(self) -> Scope:
         rs = self._request_scope

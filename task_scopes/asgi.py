@@ -86,7 +86,6 @@ class ContextMiddleware(MiddlewareBase[ASGIApp, ASGIScope]):
             task_scopes.capture("order placed")   # distinct_id from X-User-Id
     """
 
-
     def _open(self, scope: ASGIScope) -> RequestScope:
         headers = _header_map(scope)
 

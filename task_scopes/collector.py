@@ -95,10 +95,16 @@ def parse_payload(body: bytes, content_encoding: str | None) -> list[dict[str, A
     Raises:
         ValueError: not gzip/JSON, no ``api_key``, or an event of the wrong shape.
     """
+    return _batch_payload(body, content_encoding)[1]
+
+
+def _batch_payload(body: bytes, content_encoding: str | None) -> tuple[str, list[dict[str, Any]]]:
+    """``(api_key, events)`` of a ``/batch/``-shaped request; raises as :func:`parse_payload`."""
     payload = json.loads(_decompress(body, content_encoding))
     if not isinstance(payload, dict):
         raise ValueError("payload is not an object")
-    if not isinstance(payload.get("api_key") or payload.get("token"), str):
+    api_key = payload.get("api_key") or payload.get("token")
+    if not isinstance(api_key, str):
         raise ValueError("api_key missing")
     events = payload.get("batch", [payload])
     if not isinstance(events, list):
@@ -107,7 +113,7 @@ def parse_payload(body: bytes, content_encoding: str | None) -> list[dict[str, A
         problem = _validate_event(event)
         if problem:
             raise ValueError(problem)
-    return events
+    return api_key, events
 
 
 def _decompress(body: bytes, content_encoding: str | None) -> bytes:
@@ -194,6 +200,7 @@ class CaptureServer:
         self.duplicates = 0
         self.requests: list[tuple[str, int, int]] = []
         self.request_log: list[RequestRecord] = []
+        self._api_keys: dict[str, str] = {}
         self._connections: set[socket.socket] = set()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -289,6 +296,11 @@ class CaptureServer:
                 self._cv.wait(remaining)
             return list(self.events)
 
+    def api_key_of(self, event: Mapping[str, Any]) -> str | None:
+        """The API key of the request that brought ``event`` (one of :attr:`events`)."""
+        with self._cv:
+            return self._api_keys.get(event.get("uuid", ""))
+
     def clear(self) -> None:
         """Forget events, duplicates, requests and the script (UUIDs seen are kept)."""
         with self._cv:
@@ -312,6 +324,7 @@ class CaptureServer:
         received: float,
         encoding: str | None = None,
         size: int = 0,
+        api_key: str | None = None,
     ) -> None:
         new: list[dict[str, Any]] = []
         events = list(events)
@@ -328,6 +341,8 @@ class CaptureServer:
                             self.duplicates += 1
                             continue
                         self._uuids.add(uuid)
+                        if api_key is not None:
+                            self._api_keys[uuid] = api_key
                     new.append(event)
                 self.events.extend(new)
                 if self._out is not None and new:
@@ -401,14 +416,16 @@ def _make_handler(owner: CaptureServer) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 if v1:
-                    events = parse_v1_payload(body, encoding, self.headers.get("Authorization"))
+                    authorization = self.headers.get("Authorization")
+                    events = parse_v1_payload(body, encoding, authorization)
+                    api_key = (authorization or "")[7:]
                 else:
-                    events = parse_payload(body, encoding)
+                    api_key, events = _batch_payload(body, encoding)
             except (ValueError, OSError, EOFError, zlib.error) as exc:
                 owner._record(path, 400, [], received, encoding, len(body))
                 self._answer(400, {"error": f"invalid payload: {exc}"}, {})
                 return
-            owner._record(path, 200, events, received, encoding, len(body))
+            owner._record(path, 200, events, received, encoding, len(body), api_key)
             if v1:
                 results = {e.get("uuid"): {"result": "ok"} for e in events if e.get("uuid")}
                 self._answer(200, {"results": results}, reply.headers)

@@ -40,7 +40,7 @@ from django.http.response import HttpResponseBase
 from django.utils.module_loading import import_string
 
 from ._internal import guard
-from ._scope import _isolation_var
+from ._scope import active_isolation_scope
 from ._web import (
     DEFAULT_DISTINCT_ID_HEADER,
     DEFAULT_SESSION_ID_HEADER,
@@ -193,7 +193,7 @@ class ContextMiddleware:
             # Django calls this from inside __call__ / __acall__ (under ASGI in a worker
             # thread with a copy of the context), so the scope is normally active already;
             # re-activating it is the safety net for a chain that lost the context.
-            if _isolation_var.get() is request_scope.isolation:
+            if active_isolation_scope() is request_scope.isolation:
                 request_scope.capture(exception)
             else:
                 with request_scope.activate():

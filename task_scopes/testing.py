@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import _api
 from ._client import Client
+from ._scope import override_client
 from ._transport import InMemoryTransport
 from .collector import CaptureServer, Reply, RequestRecord
 
@@ -58,17 +58,20 @@ class CapturedEvents:
 
 @contextmanager
 def capture_events(**client_options: Any) -> Iterator[CapturedEvents]:
-    """Make the default client an in-memory one for the block; yield what it captures.
+    """Send every event captured during the block to memory; yield what it captures.
 
-    The previous default client is put back afterwards, untouched. ``client_options`` are
-    :class:`~task_scopes.Client` keyword options (``before_send``...).
+    Inside the block its client wins over every other, in every thread: the one of
+    ``task_scopes.init()``, and those an installed Celery app binds to its task runs
+    (also when ``install()`` runs inside the block). Afterwards everything is as before.
+    Not for nesting across threads: one block at a time per process. ``client_options``
+    are :class:`~task_scopes.Client` keyword options (``before_send``...).
     """
     transport = InMemoryTransport()
     client_options.setdefault("flush_interval", 0.05)
     client = Client(transport=transport, **client_options)
-    previous = _api._set_client(client)
+    previous = override_client(client)
     try:
         yield CapturedEvents(client, transport)
     finally:
-        _api._set_client(previous)
+        override_client(previous)
         client.shutdown(timeout=10.0)

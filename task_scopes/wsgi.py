@@ -63,7 +63,6 @@ class ContextMiddleware(MiddlewareBase["WSGIApplication", "WSGIEnvironment"]):
         task_scopes.capture("page viewed")      # distinct_id "user-1", tenant "a"
     """
 
-
     def _open(self, environ: WSGIEnvironment) -> RequestScope:
         def get_header(name: str) -> str | None:
             value = environ.get(_environ_key(name))

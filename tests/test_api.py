@@ -160,8 +160,8 @@ def test_client_without_api_key_or_transport_is_disabled_and_returns_none() -> N
     assert client.stats().captured == 0
 
 
-def test_init_makes_the_default_client_and_module_level_capture_uses_it() -> None:
-    previous = get_client()
+def test_init_binds_its_client_to_the_global_scope_and_module_level_capture_uses_it() -> None:
+    previous_global = task_scopes.get_global_scope().client
     with CaptureServer() as server:
         try:
             client = task_scopes.init("phc_test", server.url, flush_interval=0.05)
@@ -173,7 +173,7 @@ def test_init_makes_the_default_client_and_module_level_capture_uses_it() -> Non
                 task_scopes.set_once(properties={"first_seen": "today"})
             assert task_scopes.flush(timeout=10) == 0
         finally:
-            task_scopes._api._set_client(previous)
+            task_scopes.get_global_scope().set_client(previous_global)
             client.shutdown(timeout=5)
         events = server.wait_for(3)
     assert [e["event"] for e in events] == ["signed_up", "$set", "$set"]
@@ -183,8 +183,8 @@ def test_init_makes_the_default_client_and_module_level_capture_uses_it() -> Non
     assert events[2]["properties"]["$set_once"] == {"first_seen": "today"}
 
 
-def test_init_shuts_down_the_previous_default_client() -> None:
-    previous = get_client()
+def test_init_shuts_down_the_client_it_bound_before() -> None:
+    previous_global = task_scopes.get_global_scope().client
     with CaptureServer() as server:
         first = task_scopes.init("phc_test", server.url, flush_interval=300)
         first.capture("before_reinit")
@@ -195,7 +195,7 @@ def test_init_shuts_down_the_previous_default_client() -> None:
             assert first.stats().delivered == 1
             assert get_client() is second
         finally:
-            task_scopes._api._set_client(previous)
+            task_scopes.get_global_scope().set_client(previous_global)
             second.shutdown(timeout=5)
 
 

@@ -329,8 +329,7 @@ def test_a_batch_still_failing_after_the_retry_window_is_given_up_counted_and_lo
             assert client.flush(timeout=10) == 3  # given up: undelivered
         assert client.stats().failed == 3
         assert server.events == []
-        assert any("500" in r.getMessage() and "3 events" in r.getMessage()
-                   for r in caplog.records)
+        assert any("500" in r.getMessage() and "3 events" in r.getMessage() for r in caplog.records)
     finally:
         client.shutdown(timeout=1)
 

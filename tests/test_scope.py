@@ -144,9 +144,7 @@ def test_tag_outside_any_context_writes_to_a_lazily_created_isolation_scope() ->
     def scenario() -> tuple[dict[str, Any], str | None, bool]:
         tag("plan", "pro")
         identify_context("user-1")
-        return get_tags(), get_context_distinct_id(), get_isolation_scope().tags == {
-            "plan": "pro"
-        }
+        return get_tags(), get_context_distinct_id(), get_isolation_scope().tags == {"plan": "pro"}
 
     tags, distinct_id, on_isolation = in_empty_context(scenario)
     assert tags == {"plan": "pro"}

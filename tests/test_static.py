@@ -31,7 +31,8 @@ def test_all_is_sorted_and_complete() -> None:
     public = {
         name
         for name in dir(task_scopes)
-        if not name.startswith("_") and name not in {"celery", "testing", "collector"}
+        if not name.startswith("_")
+        and name not in {"celery", "testing", "collector"}
         and not isinstance(getattr(task_scopes, name), type(sys))
     }
     assert set(task_scopes.__all__) == public | {"__version__"}

@@ -13,30 +13,56 @@ Install it where the Celery app is defined, so producers and workers both run it
         task_scopes.tag("plan", user.plan)
         charge.delay(order_id)        # the task's capture() is attributed to user.id
 
-What it does, through Celery's signals only (no monkeypatching):
+Which client: with ``task_scopes_api_key`` set, a client for the app is bound to the
+isolation scope of each of its task runs, so two apps with two keys send each task's
+events, its ``$exception`` included, with their own key and options. That client is the
+one of ``task_scopes.init()`` when it has the same API key and host (one project, one
+client: its ``before_send`` and batching apply); else one made from the app's settings on
+first use (apps with equal settings share it). Without an API key, task events go to
+whatever the scopes resolve (the client of ``task_scopes.init()``). ``install()`` never
+replaces a client made with ``init()``.
 
-* ``before_task_publish``: encodes the caller's distinct ID, session ID and tags into one
-  top-level message header, ``task_scopes`` (optionally signed: ``task_scopes_sig``).
-  Chain steps, chord bodies, callbacks and retries are published from inside the running
-  task, so they carry its restored context.
-* ``task_prerun`` / ``task_postrun``: opens the task's isolation scope from that header
-  (tagged ``celery_task_id``, ``celery_task_name``, ``celery_queue``,
-  ``celery_retry_count``, ``celery_hostname``) and closes exactly that scope, whatever
-  happened (success, failure, retry, ``Ignore``, ``Reject``). Eager tasks fork the caller's
-  scope instead, and leak nothing back.
-* ``task_failure``: captures the exception as ``$exception`` once per task, in the child, or
-  in the worker's main process for a hard time limit or a lost child. ``Retry``, ``Ignore``,
-  ``Reject`` and ``task.throws`` are never captured; with retries, only the final failure.
-* ``worker_process_shutdown``, ``worker_shutdown`` and atexit: bounded flush.
+Lifecycle, through Celery's signals only (no monkeypatching):
+
+=============================  ============  ================================================
+Celery signal                  process       task_scopes
+=============================  ============  ================================================
+``before_task_publish``        caller, or    encodes the caller's distinct ID, session ID
+                               the worker    and tags into one top-level header,
+                               child for     ``task_scopes`` (signed: ``task_scopes_sig``);
+                               retries and   chain steps, chord bodies, callbacks and
+                               canvas        retries carry the running task's context
+``task_prerun``                where the     opens the task's isolation scope from that
+                               task runs     header, tagged ``celery_task_id``,
+                                             ``celery_task_name``, ``celery_queue``,
+                                             ``celery_retry_count``, ``celery_hostname``,
+                                             and binds the app's client to it
+``task_postrun``               same          closes exactly that scope (token reset),
+                                             whatever happened: success, failure, retry,
+                                             ``Ignore``, ``Reject``
+``task_failure``               child         ``$exception`` once per task, in its scope
+``task_failure``               main          hard time limit or lost child: the scope is
+                                             rebuilt from the received header; captured
+                                             once (Celery 5.7 fires it twice)
+``worker_process_init``        child         forgets the main process's bounded maps
+``worker_process_shutdown``    child         bounded flush of every client (children leave
+                                             with ``os._exit``; atexit never runs there)
+``worker_shutdown``, atexit    main          bounded flush and shutdown of every client
+=============================  ============  ================================================
+
+``Retry``, ``Ignore``, ``Reject`` and ``task.throws`` are never captured; with retries, only
+the final failure. Eager runs (``task_always_eager``, ``.apply()``) take the caller's
+context through the same encode -> decode path as a published task (caps, ``propagate``,
+signing), so they give the same events as a worker; nothing the task sets leaks back.
 
 Settings (``app.conf``; keyword overrides to :func:`install` drop the prefix):
 
 ==================================  =============  ===========================================
 key                                 default        meaning
 ==================================  =============  ===========================================
-``task_scopes_api_key``             None           project API key; None leaves the default
-                                                   client as it is (disabled unless
-                                                   ``task_scopes.init()`` ran)
+``task_scopes_api_key``             None           project API key of this app's client;
+                                                   None: the scopes' client (the one of
+                                                   ``task_scopes.init()``, else disabled)
 ``task_scopes_host``                PostHog US     capture host
 ``task_scopes_enabled``             True           master switch
 ``task_scopes_propagate``           True           write / read the context header
@@ -75,13 +101,19 @@ from typing import Any
 
 from celery import signals
 
-from .. import _api
-from .._config import ConfigError, Options
-from .._wire import Limits
+from .._client import Client
 from . import _signals
+from ._options import ConfigError, Options
 from ._signals import REGISTRY, Installed
 
-__all__ = ["ConfigError", "Options", "install", "installed_options", "uninstall"]
+__all__ = [
+    "ConfigError",
+    "Options",
+    "app_client",
+    "install",
+    "installed_options",
+    "uninstall",
+]
 
 _HANDLERS = (
     (signals.before_task_publish, _signals._on_before_task_publish),
@@ -94,7 +126,6 @@ _HANDLERS = (
     (signals.worker_process_shutdown, _signals._on_worker_process_shutdown),
     (signals.worker_shutdown, _signals._on_worker_shutdown),
 )
-_client_config: tuple[Any, ...] | None = None
 _atexit_registered = False
 
 
@@ -117,40 +148,33 @@ def install(app: Any, **overrides: Any) -> Options:
         ConfigError: an unknown key or an invalid value, naming the key. The only error
             the plugin raises on purpose; its signal handlers never raise into Celery.
     """
-    global _client_config, _atexit_registered
+    global _atexit_registered
     options = Options.from_app(app, overrides)
     if not options.enabled:
         uninstall(app)
         return options
-    limits = Limits(
-        max_bytes=options.max_header_bytes,
-        max_tags=options.max_tags,
-        max_key_chars=options.max_key_chars,
-        max_value_chars=options.max_value_chars,
-        encode_bytes=options.encode_bytes,
-    )
-    installed = Installed(options, limits)
     with REGISTRY.lock:
+        installed = Installed(options, options.limits)
+        previous = REGISTRY.apps.get(app)
         REGISTRY.apps[app] = installed
         REGISTRY.last = installed
         for signal, handler in _HANDLERS:
             signal.connect(handler, weak=False, dispatch_uid=_uid(signal))
-        if options.api_key is not None:
-            config = (options.api_key, options.host, tuple(options.client_options().items()))
-            if config != _client_config or _api.get_client().disabled:
-                _api.init(options.api_key, options.host, **options.client_options())
-                _client_config = config
         if not _atexit_registered:
             atexit.register(_signals.flush_at_exit)
             _atexit_registered = True
+        stale = REGISTRY.unused_client(previous)
+    if stale is not None:
+        stale.shutdown(timeout=options.shutdown_timeout)
     return options
 
 
 def uninstall(app: Any) -> bool:
     """Stop instrumenting ``app``. Returns False when it was not installed.
 
-    Signal handlers are disconnected when no installed app is left; the default client is
-    left running (``task_scopes.shutdown()`` stops it).
+    Signal handlers are disconnected when no installed app is left. The app's client is
+    shut down (bounded by ``task_scopes_shutdown_timeout``) when no other app uses it; a
+    client made with ``task_scopes.init()`` is left running.
     """
     with REGISTRY.lock:
         installed = REGISTRY.apps.pop(app, None)
@@ -161,6 +185,9 @@ def uninstall(app: Any) -> bool:
         if not REGISTRY.apps:
             for signal, handler in _HANDLERS:
                 signal.disconnect(handler, dispatch_uid=_uid(signal))
+        stale = REGISTRY.unused_client(installed)
+    if stale is not None:
+        stale.shutdown(timeout=installed.options.shutdown_timeout)
     return True
 
 
@@ -168,3 +195,10 @@ def installed_options(app: Any) -> Options | None:
     """The options in force for ``app``, or None when it is not installed."""
     installed = REGISTRY.apps.get(app)
     return installed.options if installed is not None else None
+
+
+def app_client(app: Any) -> Client | None:
+    """The client bound to ``app``'s task runs, or None when the app is not installed or
+    has no ``task_scopes_api_key``. Made on first use; see "Which client" above."""
+    installed = REGISTRY.apps.get(app)
+    return installed.client() if installed is not None else None

@@ -3,7 +3,7 @@
 A request is a ``celery.app.task.Context`` in the process that runs the task (worker
 child, solo/threads worker, or eager call), or a ``celery.worker.request.Request`` in the
 worker's main process (``task_received``). Helpers return ``X | None`` and never raise
-for missing data; decoding raises :class:`~task_scopes._wire.WireError` for bad data.
+for missing data; decoding raises :class:`~task_scopes.celery._header.WireError` for bad data.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .._wire import (
+from ._header import (
     HEADER,
     POSTHOG_DISTINCT_ID,
     POSTHOG_SESSION_ID,
@@ -19,6 +19,7 @@ from .._wire import (
     SIG_HEADER,
     Limits,
     WireContext,
+    WireError,
     decode,
     decode_posthog,
 )
@@ -76,8 +77,6 @@ def read_context(
     if distinct_id is None and session_id is None and tags is None:
         return None
     if secret is not None:
-        from .._wire import WireError
-
         raise WireError("unsigned PostHog headers refused: a secret is set")
     return decode_posthog(distinct_id, session_id, tags, limits)
 

@@ -6,6 +6,7 @@ per-process structures; nothing here grows with the number of tasks.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -18,11 +19,11 @@ from typing import Any
 from celery import _state
 from celery.exceptions import Ignore, Reject, Retry
 
-from .. import _api
-from .._config import Options
+from .. import _api, _defaults
+from .._client import Client, flush_all, register_exit_flush
 from .._internal import RateLimitedLog, guard, logger
-from .._scope import Scope, _current_var, _fork_active, _isolation_var, enter_scope, exit_scope
-from .._wire import (
+from .._scope import Scope, enter_scope, exit_scope, get_global_scope, merged_context
+from ._header import (
     HEADER,
     POSTHOG_DISTINCT_ID,
     POSTHOG_SESSION_ID,
@@ -34,6 +35,7 @@ from .._wire import (
     encode,
     sign,
 )
+from ._options import Options
 from ._request import CARRIED, carried_headers, read_context, task_tags
 
 __all__ = ["REGISTRY", "Installed"]
@@ -46,12 +48,46 @@ _GUARD_TASK_POSTRUN = guard("task_postrun")
 _NOT_CAPTURED = (Retry, Ignore, Reject)
 
 
+# One client per distinct (api_key, host, client options): apps with equal settings share it.
+_app_clients: dict[tuple[Any, ...], Client] = {}
+
+
 @dataclass(frozen=True)
 class Installed:
-    """What ``install()`` decided for one app."""
+    """What ``install()`` decided for one app: its options and the caps of its header."""
 
     options: Options
     limits: Limits
+
+    @functools.cached_property
+    def client_key(self) -> tuple[Any, ...] | None:
+        """What makes two apps' clients the same; None without an API key."""
+        options = self.options
+        if options.api_key is None:
+            return None
+        return (options.api_key, options.host, tuple(options.client_options().items()))
+
+    def client(self) -> Client | None:
+        """The client to bind to this app's task runs; None without an API key (the
+        scopes' client applies). The client of ``task_scopes.init()`` when it has the same
+        API key and host, else one made from these options on first use."""
+        options = self.options
+        if options.api_key is None:
+            return None
+        bound = get_global_scope().client
+        if bound is not None and bound.api_key == options.api_key and bound.host == options.host:
+            return bound
+        key = self.client_key
+        assert key is not None
+        client = _app_clients.get(key)
+        if client is None:
+            with REGISTRY.lock:
+                client = _app_clients.get(key)
+                if client is None:
+                    client = Client(options.api_key, options.host, **options.client_options())
+                    _app_clients[key] = client
+                    register_exit_flush()
+        return client
 
 
 @dataclass
@@ -61,6 +97,15 @@ class _Registry:
     )
     last: Installed | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def unused_client(self, installed: Installed | None) -> Client | None:
+        """Forget the client made for ``installed`` when no installed app shares its
+        settings any more, and return it for the caller to shut down outside the lock.
+        Call with :attr:`lock` held."""
+        key = installed.client_key if installed is not None else None
+        if key is None or any(i.client_key == key for i in self.apps.values()):
+            return None
+        return _app_clients.pop(key, None)
 
     def for_task(self, task: Any) -> Installed | None:
         app = getattr(task, "app", None) if task is not None else None
@@ -142,28 +187,6 @@ def _warn_dropped(keys: list[str], limits: Limits) -> None:
     )
 
 
-def _caller_context() -> tuple[str | None, str | None, dict[str, Any]]:
-    """Distinct ID, session ID and tags of the caller's isolation and current scopes.
-
-    The global scope is left out: it describes the producer process (release, service),
-    and the worker has its own.
-    """
-    isolation = _isolation_var.get()
-    current = _current_var.get()
-    distinct_id = session_id = None
-    tags: dict[str, Any] = {}
-    for scope in (isolation, current):  # current last: it wins
-        if scope is None:
-            continue
-        if scope._distinct_id is not None:
-            distinct_id = scope._distinct_id
-        if scope._session_id is not None:
-            session_id = scope._session_id
-        if scope._tags:
-            tags.update(scope._tags)
-    return distinct_id, session_id, tags
-
-
 # -- publish -------------------------------------------------------------------------------
 
 
@@ -172,21 +195,31 @@ def _on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) -
         return
     with _GUARD_BEFORE_TASK_PUBLISH:
         installed = REGISTRY.for_publish(headers.get("task", sender))
-        if installed is None or not installed.options.propagate:
-            return
-        distinct_id, session_id, tags = _caller_context()
-        if distinct_id is None and session_id is None and not tags:
-            return
-        options = installed.options
-        header, dropped = encode(distinct_id, session_id, tags, installed.limits)
-        # Top level only, never headers["headers"]: see task_scopes._wire (celery#4875).
-        headers[HEADER] = header
-        if options.secret is not None:
-            headers[SIG_HEADER] = sign(header, options.secret)
-        if options.posthog_headers:
-            _write_posthog_headers(headers, header)
-        if dropped:
-            _warn_dropped(dropped, installed.limits)
+        if installed is not None:
+            _inject(installed, headers, posthog=installed.options.posthog_headers)
+
+
+def _inject(installed: Installed, headers: dict[str, Any], *, posthog: bool) -> None:
+    """Write the caller's context into ``headers`` as a published task carries it.
+
+    Nothing is written when ``propagate`` is off or the context is empty (so a caller's
+    own ``apply_async(headers={"task_scopes": ...})`` stands).
+    """
+    options = installed.options
+    if not options.propagate:
+        return
+    distinct_id, session_id, tags = merged_context(include_global=False)
+    if distinct_id is None and session_id is None and not tags:
+        return
+    header, dropped = encode(distinct_id, session_id, tags, installed.limits)
+    # Top level only, never headers["headers"]: see task_scopes.celery._header (celery#4875).
+    headers[HEADER] = header
+    if options.secret is not None:
+        headers[SIG_HEADER] = sign(header, options.secret)
+    if posthog:
+        _write_posthog_headers(headers, header)
+    if dropped:
+        _warn_dropped(dropped, installed.limits)
 
 
 def _write_posthog_headers(headers: dict[str, Any], header: str) -> None:
@@ -237,7 +270,7 @@ def _apply(scope: Scope, context: WireContext | None) -> None:
     if context.session_id is not None:
         scope.set_session_id(context.session_id)
     if context.tags:
-        scope._tags.update(context.tags)
+        scope.update_tags(context.tags)
 
 
 def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
@@ -247,29 +280,22 @@ def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
         return
     with _GUARD_TASK_PRERUN:
         request = task.request
+        headers = carried_headers(request)
         if getattr(request, "is_eager", False):
-            # Eager: the task runs in the caller's own contextvars.Context. Fork the
-            # caller's scope, keeping only what the header would carry (no celery_* or
-            # $ keys), so eager and worker runs give the same events; postrun resets it
-            # so nothing leaks back.
-            isolation, current = _fork_active()
-            for scope in (isolation, current):
-                if any(key.startswith(("celery_", "$")) for key in scope._tags):
-                    scope._tags = {
-                        k: v
-                        for k, v in scope._tags.items()
-                        if not k.startswith(("celery_", "$"))
-                    }
-        else:
-            isolation, current = Scope(), Scope()
-        _apply(isolation, _restore(installed, carried_headers(request), request.id))
-        isolation._tags.update(task_tags(task, request))
-        run = _Run(enter_scope(isolation, current), time.monotonic(), installed)
+            # Eager: no publish happened. Take the caller's context through the same
+            # encode -> decode path a published task takes (caps, propagate, signing), so
+            # eager and worker runs give the same events by construction.
+            _inject(installed, headers, posthog=False)
+        isolation = Scope()
+        _apply(isolation, _restore(installed, headers, request.id))
+        isolation.update_tags(task_tags(task, request))
+        client = installed.client()
+        if client is not None:
+            isolation.set_client(client)
+        run = _Run(enter_scope(isolation, Scope()), time.monotonic(), installed)
         setattr(request, _RUN_ATTR, run)
         if installed.options.task_events and _wanted(installed, task):
-            _api.get_client().capture(
-                "celery task started", properties={"celery_state": "STARTED"}
-            )
+            _api.get_client().capture("celery task started", properties={"celery_state": "STARTED"})
 
 
 def _on_task_postrun(task: Any = None, sender: Any = None, state: Any = None, **_: Any) -> None:
@@ -282,8 +308,10 @@ def _on_task_postrun(task: Any = None, sender: Any = None, state: Any = None, **
         return
     with _GUARD_TASK_POSTRUN:
         try:
-            if state == "SUCCESS" and run.installed.options.task_events and _wanted(
-                run.installed, task
+            if (
+                state == "SUCCESS"
+                and run.installed.options.task_events
+                and _wanted(run.installed, task)
             ):
                 _api.get_client().capture(
                     "celery task success",
@@ -355,8 +383,9 @@ def _on_task_failure(
             headers = _received.get(task_id) or {}
         isolation = Scope()
         _apply(isolation, _restore(installed, headers, task_id))
-        isolation._tags.update(task_tags(sender, request))
-        isolation._tags["celery_task_id"] = task_id
+        isolation.update_tags(task_tags(sender, request))
+        isolation.set_tag("celery_task_id", task_id)
+        isolation.set_client(installed.client())
         tokens = enter_scope(isolation, Scope())
         try:
             _capture_failure(installed, sender, exception, None)
@@ -374,8 +403,10 @@ def _on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, 
             return
         cause = getattr(reason, "exc", None) if isinstance(reason, Retry) else reason
         client = _api.get_client()
-        if options.capture_retries and isinstance(cause, BaseException) and not _expected(
-            sender, cause
+        if (
+            options.capture_retries
+            and isinstance(cause, BaseException)
+            and not _expected(sender, cause)
         ):
             client.capture_exception(cause, mechanism="celery.retry", handled=False)
         if options.task_events:
@@ -400,7 +431,7 @@ def _on_task_received(request: Any = None, **_: Any) -> None:
 
 def _shutdown_timeout() -> float:
     timeouts = [i.options.shutdown_timeout for i in list(REGISTRY.apps.values())]
-    return max(timeouts) if timeouts else 10.0
+    return max(timeouts) if timeouts else _defaults.SHUTDOWN_TIMEOUT
 
 
 def _on_worker_process_init(**_: Any) -> None:
@@ -411,7 +442,7 @@ def _on_worker_process_init(**_: Any) -> None:
 def _on_worker_process_shutdown(**_: Any) -> None:
     # Pool children leave with os._exit(): atexit never runs there, so flush now.
     with guard("worker_process_shutdown"):
-        left = _api.get_client().flush(timeout=_shutdown_timeout())
+        left = flush_all(_shutdown_timeout())
         if left:
             logger.warning("task_scopes: %d events undelivered at process shutdown", left)
 
@@ -422,7 +453,7 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 
 def flush_at_exit() -> None:
-    """Shut the default client down, bounded by ``task_scopes_shutdown_timeout``."""
-    left = _api.get_client().shutdown(timeout=_shutdown_timeout())
+    """Shut every client down, bounded by ``task_scopes_shutdown_timeout``."""
+    left = flush_all(_shutdown_timeout(), stop=True)
     if left:
         logger.warning("task_scopes: %d events undelivered at shutdown", left)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from task_scopes._config import ConfigError, Options
+from task_scopes.celery._options import ConfigError, Options
 
 
 def _app(**conf: Any) -> Celery:

@@ -226,7 +226,7 @@ def test_eager_task_propagating_its_exception_leaves_the_caller_unchanged(tasks:
 
 
 def test_eager_apply_with_a_context_header_uses_that_context(tasks: Tasks) -> None:
-    from task_scopes._wire import encode
+    from task_scopes.celery._header import encode
 
     header, _ = encode("from-header", "sess-h", {"origin": "api"})
     with task_scopes.new_context(fresh=True):

@@ -13,8 +13,7 @@ from plugin_support import WAIT, installed, make_app
 
 import task_scopes
 import task_scopes.celery
-from task_scopes import _api
-from task_scopes.celery import ConfigError, installed_options
+from task_scopes.celery import ConfigError, app_client, installed_options
 from task_scopes.celery._signals import REGISTRY
 from task_scopes.testing import CaptureServer
 
@@ -48,19 +47,6 @@ def nothing_installed() -> Iterator[None]:
         task_scopes.celery.uninstall(app)
     assert connected() == dict.fromkeys(connected(), 0)
     yield
-
-
-@pytest.fixture
-def default_client_restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Put the default client back after a test that makes install() replace it."""
-    monkeypatch.setattr(task_scopes.celery, "_client_config", None)
-    previous = _api.get_client()
-    try:
-        yield
-    finally:
-        made = _api._set_client(previous)
-        if made is not previous:
-            made.shutdown(timeout=WAIT)
 
 
 def test_install_connects_one_receiver_per_signal() -> None:
@@ -165,48 +151,63 @@ def test_a_bad_reinstall_keeps_the_options_in_force() -> None:
         assert installed_options(app) == options
 
 
-@pytest.mark.usefixtures("default_client_restored")
-def test_install_with_an_api_key_initialises_the_default_client() -> None:
+def test_install_with_an_api_key_binds_its_client_to_the_app_task_runs_only() -> None:
+    outside = task_scopes.get_client()
     with CaptureServer() as server:
         app = make_app(
             "keyed",
             task_scopes_api_key="phc_keyed",
             task_scopes_host=server.url,
             task_scopes_flush_interval=0.05,
+            task_always_eager=True,
         )
-        with installed(app):
+
+        @app.task(name="keyed.capture")
+        def capture_in_task() -> tuple[str, str | None]:
             client = task_scopes.get_client()
-            assert not client.disabled
+            task_scopes.capture("installed", distinct_id="user-1")
+            return client.api_key or "", client.host
+
+        with installed(app):
+            client = app_client(app)
+            assert client is not None
             assert (client.api_key, client.host, client.flush_interval) == (
                 "phc_keyed",
                 server.url,
                 0.05,
             )
-            task_scopes.capture("installed", distinct_id="user-1")
+            assert capture_in_task.delay().get() == ("phc_keyed", server.url)
+            assert task_scopes.get_client() is outside  # install() replaced nothing
             events = server.wait_for(1, timeout=WAIT)
         assert [(e["event"], e["distinct_id"]) for e in events] == [("installed", "user-1")]
+        assert server.api_key_of(events[0]) == "phc_keyed"
 
 
-@pytest.mark.usefixtures("default_client_restored")
 def test_install_again_with_the_same_client_settings_keeps_the_client() -> None:
     app = make_app(
         "keyed_again", task_scopes_api_key="phc_k", task_scopes_host="http://127.0.0.1:9"
     )
     with installed(app):
-        client = task_scopes.get_client()
+        client = app_client(app)
         task_scopes.celery.install(app)
         task_scopes.celery.install(app, posthog_headers=True)  # not a client setting
-        assert task_scopes.get_client() is client
+        assert app_client(app) is client is not None
 
 
-@pytest.mark.usefixtures("default_client_restored")
-def test_install_with_new_client_settings_replaces_the_client() -> None:
+def test_apps_with_equal_client_settings_share_one_client() -> None:
+    conf = {"task_scopes_api_key": "phc_k", "task_scopes_host": "http://127.0.0.1:9"}
+    first, second = make_app("keyed_a", **conf), make_app("keyed_b", **conf)
+    with installed(first), installed(second):
+        assert app_client(first) is app_client(second) is not None
+
+
+def test_install_with_new_client_settings_replaces_the_app_client() -> None:
     app = make_app("keyed_new", task_scopes_api_key="phc_k", task_scopes_host="http://127.0.0.1:9")
     with installed(app):
-        client = task_scopes.get_client()
+        client = app_client(app)
         task_scopes.celery.install(app, flush_at=7)
-        replaced = task_scopes.get_client()
-        assert replaced is not client and replaced.flush_at == 7
+        replaced = app_client(app)
+        assert replaced is not None and replaced is not client and replaced.flush_at == 7
 
 
 def test_install_without_an_api_key_leaves_the_default_client_alone() -> None:

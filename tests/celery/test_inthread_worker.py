@@ -17,8 +17,8 @@ from plugin_support import WAIT, Postruns, in_thread_worker, make_app
 
 import task_scopes
 import task_scopes.celery
-from task_scopes._scope import _isolation_var
-from task_scopes._wire import encode, sign
+from task_scopes._scope import active_isolation_scope
+from task_scopes.celery._header import encode, sign
 from task_scopes.testing import CapturedEvents
 
 CELERY_TAGS = {
@@ -315,16 +315,16 @@ class ScopeProbe:
         self.threads: set[int] = set()
 
     def received(self, request: Any = None, **_: Any) -> None:
-        self.before[request.id] = _isolation_var.get()
+        self.before[request.id] = active_isolation_scope()
 
     def prerun(self, task_id: str | None = None, **_: Any) -> None:
         assert task_id is not None
-        self.during[task_id] = _isolation_var.get()
+        self.during[task_id] = active_isolation_scope()
         self.threads.add(threading.get_ident())
 
     def postrun(self, task_id: str | None = None, **_: Any) -> None:
         assert task_id is not None
-        self.after[task_id] = _isolation_var.get()
+        self.after[task_id] = active_isolation_scope()
 
 
 @pytest.fixture

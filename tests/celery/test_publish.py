@@ -16,7 +16,7 @@ from plugin_support import installed, make_app, raw_headers
 
 import task_scopes
 import task_scopes.celery
-from task_scopes._wire import decode, sign
+from task_scopes.celery._header import decode, sign
 
 POSTHOG = ("X-POSTHOG-DISTINCT-ID", "X-POSTHOG-SESSION-ID", "X-POSTHOG-CONTEXT-TAGS")
 

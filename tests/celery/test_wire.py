@@ -1,4 +1,4 @@
-"""Tier 1: the context header (``task_scopes._wire``) with plain values, no Celery."""
+"""Tier 1: the context header (``task_scopes.celery._header``) with plain values, no Celery."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from task_scopes._wire import (
+from task_scopes.celery._header import (
     HEADER,
     Limits,
     WireContext,

@@ -151,8 +151,13 @@ class Worker:
             client.set(self._sentinel, "1", ex=3600)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self._wait_ready(timeout)
         return self
@@ -210,8 +215,7 @@ class Worker:
         if not self.redis_intact():
             text = (
                 f"NOTE: the Redis database {self.broker.redis_url} was flushed by another "
-                "process during the test (queued messages and counters were lost with it)\n"
-                + text
+                "process during the test (queued messages and counters were lost with it)\n" + text
             )
         return text
 

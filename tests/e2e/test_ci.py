@@ -26,7 +26,11 @@ def _run_probe(ci: str | None) -> subprocess.CompletedProcess[str]:
         env["CI"] = ci
     return subprocess.run(
         [sys.executable, "-m", "pytest", str(PROBE), "-q", "-rfEs", "-p", "no:cacheprovider"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -59,7 +59,9 @@ def test_retry_twice_then_success_keeps_context_and_user_header_and_captures_not
         assert p["celery_retry_count"] == p["attempt"]
     assert props(done)["celery_retry_count"] == 2
     assert [_user_header(e) for e in sorted(attempts, key=lambda e: props(e)["attempt"])] == [
-        "keep", "keep", "keep"
+        "keep",
+        "keep",
+        "keep",
     ]
     assert _user_header(done) == "keep"
     assert [e for e in capture_server.events if exceptions("e2e.retry_twice")(e)] == []
@@ -128,8 +130,9 @@ def test_retry_ignore_reject_and_throws_capture_no_exception(
 
     wait_events(capture_server, labelled(lbl("retry"), "e2e.done"), 1, worker=worker)
     for name in ("ignore_capture", "reject", "throws", "control"):
-        wait_events(capture_server, labelled(lbl(name), "e2e.before_raise"), 1, worker=worker,
-                    what=name)
+        wait_events(
+            capture_server, labelled(lbl(name), "e2e.before_raise"), 1, worker=worker, what=name
+        )
     wait_events(capture_server, exceptions(task_id=control.id), 1, worker=worker)
     assert worker.stop() == 0
 

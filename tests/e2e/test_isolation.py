@@ -52,10 +52,12 @@ def test_a_thousand_ignored_tasks_leave_nothing_behind_on_a_solo_worker(
     with producer_context(f"probe2-{run_id}", tags={"probe": 2}):
         probe.delay(f"{run_id}-probe2")
 
-    [first] = wait_events(capture_server, labelled(f"{run_id}-probe1", "e2e.probe"), 1,
-                          worker=worker)
-    [last] = wait_events(capture_server, labelled(f"{run_id}-probe2", "e2e.probe"), 1,
-                         worker=worker, timeout=240)
+    [first] = wait_events(
+        capture_server, labelled(f"{run_id}-probe1", "e2e.probe"), 1, worker=worker
+    )
+    [last] = wait_events(
+        capture_server, labelled(f"{run_id}-probe2", "e2e.probe"), 1, worker=worker, timeout=240
+    )
 
     for n, event in ((1, first), (2, last)):
         p = props(event)
@@ -70,5 +72,6 @@ def test_a_thousand_ignored_tasks_leave_nothing_behind_on_a_solo_worker(
     grown = props(last)["live_scopes"] - props(first)["live_scopes"]
     assert grown <= 5, (props(first)["live_scopes"], props(last)["live_scopes"])
     assert props(last)["gc_objects"] - props(first)["gc_objects"] < IGNORED, (
-        props(first)["gc_objects"], props(last)["gc_objects"]
+        props(first)["gc_objects"],
+        props(last)["gc_objects"],
     )

@@ -29,8 +29,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.broker]
 SIGNED_UP = datetime(2024, 5, 17, 12, 30, 5, tzinfo=timezone.utc)
 PRODUCER_TAGS = {"plan": "pro", "order_count": 3, "signed_up_at": SIGNED_UP}
 EXPECTED_TAGS = {"plan": "pro", "order_count": 3, "signed_up_at": "2024-05-17T12:30:05+00:00"}
-TASK_TAGS = ("celery_task_id", "celery_task_name", "celery_queue", "celery_retry_count",
-             "celery_hostname")
+TASK_TAGS = (
+    "celery_task_id",
+    "celery_task_name",
+    "celery_queue",
+    "celery_retry_count",
+    "celery_hostname",
+)
 
 
 def test_delay_carries_distinct_id_session_and_tags_into_the_task(
@@ -142,8 +147,9 @@ def test_canvas_steps_and_callbacks_carry_the_producers_distinct_id(
 
     with producer_context(user, tags={"flow": "canvas"}):
         results = [
-            chain(t["e2e.step"].s(label=lbl("chain-a")), t["e2e.step"].s(label=lbl("chain-b")))
-            .delay(),
+            chain(
+                t["e2e.step"].s(label=lbl("chain-a")), t["e2e.step"].s(label=lbl("chain-b"))
+            ).delay(),
             group(t["e2e.report"].s(lbl("group-1")), t["e2e.report"].s(lbl("group-2"))).delay(),
             chord(
                 [t["e2e.report"].s(lbl("chord-h1")), t["e2e.report"].s(lbl("chord-h2"))],
@@ -165,12 +171,22 @@ def test_canvas_steps_and_callbacks_carry_the_producers_distinct_id(
     for result in results:
         result.get(timeout=EVENT_TIMEOUT, propagate=False)
 
-    names = ["chain-a", "chain-b", "group-1", "group-2", "chord-h1", "chord-h2", "chord-body",
-             "link-parent", "link-callback", "errback-published", "errback-inline"]
+    names = [
+        "chain-a",
+        "chain-b",
+        "group-1",
+        "group-2",
+        "chord-h1",
+        "chord-h2",
+        "chord-body",
+        "link-parent",
+        "link-callback",
+        "errback-published",
+        "errback-inline",
+    ]
     seen: dict[str, Event] = {}
     for name in names:
-        [seen[name]] = wait_events(capture_server, labelled(lbl(name)), 1, worker=worker,
-                                   what=name)
+        [seen[name]] = wait_events(capture_server, labelled(lbl(name)), 1, worker=worker, what=name)
     [seen["failing-parent"]] = wait_events(
         capture_server, labelled(lbl("failing-parent"), "e2e.before_raise"), 1, worker=worker
     )

@@ -58,14 +58,16 @@ def _run_count_tasks(
         return e["event"] == "e2e.count" and str(props(e).get("label", "")).startswith(run_id)
 
     with redis.Redis.from_url(broker.redis_url) as client:
-        wait_for_value(lambda: int(client.get(key) or 0), tasks, timeout=240, worker=worker,
-                       what="tasks run")
+        wait_for_value(
+            lambda: int(client.get(key) or 0), tasks, timeout=240, worker=worker, what="tasks run"
+        )
     before = sum(1 for e in capture_server.events if ours(e))
     assert worker.stop() == 0, worker.log_tail()
     assert not worker.killed
     # The exit flushes happened before the processes exited; allow the collector a moment.
-    return before, wait_events(capture_server, ours, tasks, timeout=30, worker=None,
-                               what="events after shutdown")
+    return before, wait_events(
+        capture_server, ours, tasks, timeout=30, worker=None, what="events after shutdown"
+    )
 
 
 def test_sigterm_delivers_all_2000_events_held_by_a_long_flush_interval(
@@ -93,7 +95,12 @@ def test_max_tasks_per_child_1_delivers_all_200_events(
     run_id: str,
 ) -> None:
     _, events = _run_count_tasks(
-        redis_broker, capture_server, start_worker, make_producer, run_id, tasks=200,
+        redis_broker,
+        capture_server,
+        start_worker,
+        make_producer,
+        run_id,
+        tasks=200,
         extra_args=("--max-tasks-per-child=1",),
     )
     labels = {props(e)["label"] for e in events}

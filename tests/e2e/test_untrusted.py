@@ -28,8 +28,17 @@ from .harness import (
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 # What the e2e tasks and the client put in every event, whatever the context.
-BASELINE = {"label", "attempt", "user_header_attr", "user_header_headers", "pid", "thread",
-            "$lib", "$lib_version", "$process_person_profile"}
+BASELINE = {
+    "label",
+    "attempt",
+    "user_header_attr",
+    "user_header_headers",
+    "pid",
+    "thread",
+    "$lib",
+    "$lib_version",
+    "$process_person_profile",
+}
 
 
 def _context_keys(event: Event) -> set[str]:
@@ -60,7 +69,8 @@ def _warnings_naming(caplog: pytest.LogCaptureFixture, key: str) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name.startswith("task_scopes") and r.levelno >= logging.WARNING
+        if r.name.startswith("task_scopes")
+        and r.levelno >= logging.WARNING
         and key in r.getMessage()
     ]
 
@@ -144,8 +154,9 @@ def test_garbage_and_wrong_typed_headers_run_the_task_with_an_empty_context(
     ]
     # Control: a well-formed header from the same plain producer is restored, so the
     # empty contexts above are refusals, not a header that never arrived.
-    valid = json.dumps({"v": 1, "d": f"plain-{run_id}", "s": "plain-session",
-                        "t": {"origin": "plain"}})
+    valid = json.dumps(
+        {"v": 1, "d": f"plain-{run_id}", "s": "plain-session", "t": {"origin": "plain"}}
+    )
     report.apply_async((f"{run_id}-valid",), headers={"task_scopes": valid})
 
     [restored] = wait_events(capture_server, labelled(f"{run_id}-valid"), 1, worker=worker)
@@ -153,8 +164,9 @@ def test_garbage_and_wrong_typed_headers_run_the_task_with_an_empty_context(
     assert props(restored)["$session_id"] == "plain-session"
     assert props(restored)["origin"] == "plain"
     for name in BAD_HEADERS:
-        [event] = wait_events(capture_server, labelled(f"{run_id}-{name}"), 1, worker=worker,
-                              what=name)
+        [event] = wait_events(
+            capture_server, labelled(f"{run_id}-{name}"), 1, worker=worker, what=name
+        )
         _assert_empty_context(event, refused_distinct_id="123")
     assert _refusal_logged(worker, refused)
 
@@ -194,7 +206,8 @@ def test_forged_unsigned_and_wrongly_signed_context_is_refused_when_a_secret_is_
     assert props(accepted)["$session_id"] == "signed-session"
     assert props(accepted)["signed"] is True
     for name in cases:
-        [event] = wait_events(capture_server, labelled(f"{run_id}-{name}"), 1, worker=worker,
-                              what=name)
+        [event] = wait_events(
+            capture_server, labelled(f"{run_id}-{name}"), 1, worker=worker, what=name
+        )
         _assert_empty_context(event, refused_distinct_id=forged_user)
     assert _refusal_logged(worker, refused)

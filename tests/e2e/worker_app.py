@@ -241,7 +241,7 @@ def _record_isolation_before_prerun(
     sender: Any = None, task_id: str | None = None, **_: Any
 ) -> None:
     if getattr(sender, "name", None) == "e2e.probe" and task_id is not None:
-        _isolation_before_prerun[task_id] = repr(_scope._isolation_var.get())
+        _isolation_before_prerun[task_id] = repr(_scope.active_isolation_scope())
 
 
 def _worker_app_from_env() -> Celery:

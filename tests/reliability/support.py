@@ -11,7 +11,8 @@ from typing import Any
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from task_scopes import _api, _internal
+import task_scopes
+from task_scopes import _internal
 from task_scopes._client import Client
 
 
@@ -39,12 +40,14 @@ def running(app: Celery) -> Iterator[None]:
 
 @contextmanager
 def default_client(client: Client) -> Iterator[Client]:
-    """Make ``client`` the process's default client for the block; shut it down after."""
-    previous = _api._set_client(client)
+    """Bind ``client`` to the global scope for the block; shut it down after."""
+    scope = task_scopes.get_global_scope()
+    previous = scope.client
+    scope.set_client(client)
     try:
         yield client
     finally:
-        _api._set_client(previous)
+        scope.set_client(previous)
         client.shutdown(timeout=5)
 
 

@@ -1,50 +1,69 @@
-"""Context <-> message header, and JSON-safe coercion of tag and property values.
+"""The context header: what travels from the producer to the worker, and how.
 
-Header (DESIGN §3): one top-level message header ``task_scopes`` holding compact JSON
-``{"v": 1, "d": distinct_id, "s": session_id, "t": {tags}}`` (absent keys omitted), plus
-``task_scopes_sig``, the hex HMAC-SHA256 of the exact header string, when a secret is set.
-Top level only: a nested ``headers["headers"]`` dict (the celery#4875 workaround) hides
-top-level keys from ``request.headers`` and makes ``retry()`` drop the user's own headers.
+Wire format (version 1)
+-----------------------
+One message header at the top level of the task message:
 
-Coercion is deterministic so that the same context always encodes to the same bytes:
-datetime/date/time -> ISO 8601, UUID/Decimal/Path -> str, set/frozenset/tuple -> list
-(sorted when the items sort), bytes -> base64 only when allowed, anything else ->
-:class:`Unencodable` (callers drop it and name the key; never ``repr()`` noise).
+* ``task_scopes``: compact JSON ``{"v": 1, "d": distinct_id, "s": session_id, "t": {tags}}``;
+  keys that have no value are left out; a context with nothing in it writes no header.
+* ``task_scopes_sig``: hex HMAC-SHA256 of the exact ``task_scopes`` string under the
+  ``task_scopes_secret`` setting, written only when a secret is set.
+
+Why top level only: a top-level key reaches the worker as ``request.task_scopes`` on the
+first run and on every retry. A nested ``headers["headers"]`` dict (the workaround for
+https://github.com/celery/celery/issues/4875 that other integrations use) hides top-level
+keys from ``request.headers`` and makes ``retry()`` drop the user's own top-level headers.
+
+Read order in the worker: ``request.task_scopes``, then ``request.headers["task_scopes"]``
+(eager ``apply(headers=...)``, other producers), then PostHog's ``X-POSTHOG-DISTINCT-ID`` /
+``X-POSTHOG-SESSION-ID`` / ``X-POSTHOG-CONTEXT-TAGS``, so producers that run PostHog's own
+Celery integration interoperate.
+
+Version rule: a worker ignores fields it does not know, and accepts headers without the
+fields it does know (every field is optional); ``v`` changes only when the meaning of an
+existing field does, and a worker refuses a version it does not know.
+
+Caps (:class:`Limits`, settings ``task_scopes_max_*``): the header is at most 8 KiB, at
+most 64 tags, keys at most 200 characters, string tags at most 1,000 characters (a longer
+one is dropped and named; strings nested in lists and objects are cut), control characters
+stripped. Over a cap, tags are dropped largest first until it fits, and a warning names
+them; the task is always published. A distinct or session ID that does not fit is left
+out, never cut (a cut ID would attribute events to somebody else). ``celery_*`` and ``$``
+keys never travel: they describe one task or one event, not its caller. Tag values are
+made JSON-safe by :func:`task_scopes._json.coerce` (bytes only with
+``task_scopes_encode_bytes``).
+
+The worker treats the header as untrusted input: a decode error, a wrong type or a bad
+signature makes the task run with an empty context and logs a warning; nothing raises.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, time
-from decimal import Decimal
-from enum import Enum
-from pathlib import PurePath
 from typing import Any
 from uuid import UUID
 
+from .. import _defaults
+from .._json import clean_str, clean_value, coerce, strip_control
+
 __all__ = [
+    "DEFAULT_LIMITS",
     "HEADER",
     "POSTHOG_DISTINCT_ID",
     "POSTHOG_SESSION_ID",
     "POSTHOG_TAGS",
     "SIG_HEADER",
     "Limits",
-    "Unencodable",
     "WireContext",
     "WireError",
     "clean_tags",
-    "coerce",
     "decode",
     "decode_posthog",
     "encode",
-    "json_default",
     "sign",
 ]
 
@@ -56,81 +75,18 @@ POSTHOG_SESSION_ID = "X-POSTHOG-SESSION-ID"
 POSTHOG_TAGS = "X-POSTHOG-CONTEXT-TAGS"
 VERSION = 1
 
-_MAX_DEPTH = 8
-
-
-class Unencodable(ValueError):
-    """A value has no JSON-safe form under the coercion rules."""
-
-
-def coerce(value: Any, *, allow_bytes: bool = False, _depth: int = 0) -> Any:
-    """Return ``value`` as JSON-safe Python (str, int, float, bool, None, list, dict).
-
-    Raises:
-        Unencodable: for objects of other types, bytes when not allowed, non-finite
-            floats, and containers nested deeper than 8.
-    """
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise Unencodable("non-finite float")
-        return value
-    if _depth >= _MAX_DEPTH:
-        raise Unencodable("nested too deep")
-    if isinstance(value, Enum):
-        return coerce(value.value, allow_bytes=allow_bytes, _depth=_depth + 1)
-    if isinstance(value, (datetime, date, time)):
-        return value.isoformat()
-    if isinstance(value, (UUID, Decimal, PurePath)):
-        return str(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        if not allow_bytes:
-            raise Unencodable("bytes")
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, Mapping):
-        return {
-            str(k): coerce(v, allow_bytes=allow_bytes, _depth=_depth + 1)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [coerce(v, allow_bytes=allow_bytes, _depth=_depth + 1) for v in value]
-    if isinstance(value, (set, frozenset, tuple)):
-        items = [coerce(v, allow_bytes=allow_bytes, _depth=_depth + 1) for v in value]
-        if isinstance(value, tuple):
-            return items
-        try:
-            return sorted(items)
-        except TypeError:
-            return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
-    raise Unencodable(type(value).__name__)
-
-
-def json_default(value: Any) -> Any:
-    """``json.dumps(default=...)`` hook for event properties: coerces what :func:`coerce`
-    knows (bytes as base64) and turns anything else into None."""
-    try:
-        return coerce(value, allow_bytes=True)
-    except Unencodable:
-        return None
-
-
-# -- header encoding ----------------------------------------------------------------------
-
-# Control characters, and lone surrogates (os.fsdecode() of undecodable bytes, or JSON
-# escapes like "\ud800"), which UTF-8 cannot carry.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _DECODE_LIMIT = 256 * 1024  # refuse to parse anything larger, whatever the cap says
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Caps on the encoded context (DESIGN §3)."""
+    """Caps on the encoded context: bytes of the header, number of tags, characters of a
+    key and of a string value; ``encode_bytes`` sends bytes tags as base64."""
 
-    max_bytes: int = 8192
-    max_tags: int = 64
-    max_key_chars: int = 200
-    max_value_chars: int = 1000
+    max_bytes: int = _defaults.MAX_HEADER_BYTES
+    max_tags: int = _defaults.MAX_TAGS
+    max_key_chars: int = _defaults.MAX_KEY_CHARS
+    max_value_chars: int = _defaults.MAX_VALUE_CHARS
     encode_bytes: bool = False
 
 
@@ -155,23 +111,6 @@ def _propagated(key: str) -> bool:
     return not key.startswith(("celery_", "$"))
 
 
-def _clean_str(value: str, limit: int) -> str:
-    if not value.isprintable():
-        value = _CONTROL.sub("", value)
-    return value[:limit]
-
-
-def _clean(value: Any, limit: int) -> Any:
-    """Strip control characters from and cap every string in a coerced value."""
-    if isinstance(value, str):
-        return _clean_str(value, limit)
-    if isinstance(value, list):
-        return [_clean(v, limit) for v in value]
-    if isinstance(value, dict):
-        return {_clean_str(k, limit): _clean(v, limit) for k, v in value.items()}
-    return value
-
-
 # One encoder, built once: json.dumps() with options builds a new JSONEncoder per call.
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode
 
@@ -183,7 +122,7 @@ def _clean_id(value: Any, limits: Limits) -> str | None:
         value = str(value) if isinstance(value, (int, UUID)) else None
         if value is None:
             return None
-    return _clean_str(value, limits.max_value_chars) or None
+    return clean_str(value, limits.max_value_chars) or None
 
 
 def clean_tags(
@@ -204,7 +143,7 @@ def clean_tags(
             dropped.append(repr(key)[:50])
             continue
         if not key.isprintable():  # clean first: "\x00celery_x" must not pass as "celery_x"
-            key = _CONTROL.sub("", key)
+            key = strip_control(key)
         if not _propagated(key):
             continue
         if len(key) > limits.max_key_chars:
@@ -218,7 +157,7 @@ def clean_tags(
             if len(value) > limits.max_value_chars:  # dropped and named, never cut silently
                 dropped.append(key)
                 continue
-            out[key] = _clean_str(value, limits.max_value_chars)
+            out[key] = clean_str(value, limits.max_value_chars)
             continue
         if kind is int or kind is bool or value is None:  # int over 4,300 digits: see below
             out[key] = value
@@ -228,7 +167,7 @@ def clean_tags(
         except Exception:  # Unencodable, or a user type whose isoformat()/str() raises
             dropped.append(key)
             continue
-        out[key] = _clean(coerced, limits.max_value_chars)
+        out[key] = clean_value(coerced, limits.max_value_chars)
     return out, dropped
 
 
@@ -278,9 +217,7 @@ def encode(
     ):
         return header, dropped
     # Over a cap: drop the largest tags first until both caps hold.
-    sizes = sorted(
-        ((len(_dumps({k: v}).encode()), k) for k, v in clean.items()), reverse=True
-    )
+    sizes = sorted(((len(_dumps({k: v}).encode()), k) for k, v in clean.items()), reverse=True)
     total = len(header.encode())
     count = len(clean)
     for size, key in sizes:

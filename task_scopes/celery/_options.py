@@ -9,11 +9,13 @@ keyword overrides to ``install()`` are named without the prefix. Invalid values 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._transport import DEFAULT_HOST
+from .. import _defaults
+from ._header import Limits
 
 __all__ = ["PREFIX", "ConfigError", "Options"]
 
@@ -32,7 +34,7 @@ class Options:
     """Validated plugin options; see the settings table in ``task_scopes.celery``."""
 
     api_key: str | None = None
-    host: str = DEFAULT_HOST
+    host: str = _defaults.HOST
     enabled: bool = True
     propagate: bool = True
     capture_exceptions: bool = True
@@ -41,17 +43,17 @@ class Options:
     task_filter: TaskFilter | None = None
     posthog_headers: bool = False
     secret: str | None = None
-    max_header_bytes: int = 8192
-    max_tags: int = 64
-    max_key_chars: int = 200
-    max_value_chars: int = 1000
+    max_header_bytes: int = _defaults.MAX_HEADER_BYTES
+    max_tags: int = _defaults.MAX_TAGS
+    max_key_chars: int = _defaults.MAX_KEY_CHARS
+    max_value_chars: int = _defaults.MAX_VALUE_CHARS
     encode_bytes: bool = False
-    flush_at: int = 100
-    flush_interval: float = 0.5
-    max_queue_size: int = 10_000
-    timeout: float = 10.0
-    retry_window: float = 30.0
-    shutdown_timeout: float = 10.0
+    flush_at: int = _defaults.FLUSH_AT
+    flush_interval: float = _defaults.FLUSH_INTERVAL
+    max_queue_size: int = _defaults.MAX_QUEUE_SIZE
+    timeout: float = _defaults.TIMEOUT
+    retry_window: float = _defaults.RETRY_WINDOW
+    shutdown_timeout: float = _defaults.SHUTDOWN_TIMEOUT
 
     @classmethod
     def from_app(cls, app: Any, overrides: Mapping[str, Any] | None = None) -> Options:
@@ -85,6 +87,17 @@ class Options:
         values = {name: _validate(name, key, value) for name, (key, value) in raw.items()}
         return cls(**values)
 
+    @functools.cached_property
+    def limits(self) -> Limits:
+        """The caps of the context header these settings imply."""
+        return Limits(
+            max_bytes=self.max_header_bytes,
+            max_tags=self.max_tags,
+            max_key_chars=self.max_key_chars,
+            max_value_chars=self.max_value_chars,
+            encode_bytes=self.encode_bytes,
+        )
+
     def client_options(self) -> dict[str, Any]:
         """Keyword options of :class:`task_scopes.Client` these settings imply."""
         return {
@@ -105,8 +118,14 @@ _BOOLS = {
     "posthog_headers",
     "encode_bytes",
 }
-_POSITIVE_INTS = {"max_header_bytes", "max_tags", "max_key_chars", "max_value_chars",
-                  "flush_at", "max_queue_size"}
+_POSITIVE_INTS = {
+    "max_header_bytes",
+    "max_tags",
+    "max_key_chars",
+    "max_value_chars",
+    "flush_at",
+    "max_queue_size",
+}
 _POSITIVE_FLOATS = {"flush_interval", "timeout", "retry_window", "shutdown_timeout"}
 
 
