@@ -214,3 +214,32 @@ def test_install_without_an_api_key_leaves_the_default_client_alone() -> None:
     client = task_scopes.get_client()
     with installed(make_app("keyless")):
         assert task_scopes.get_client() is client
+
+
+def test_install_inside_capture_events_sends_the_tasks_events_to_the_block() -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    from task_scopes.testing import capture_events
+
+    with CaptureServer() as server, capture_events() as captured:
+        app = make_app(
+            "keyed_in_capture", task_scopes_api_key="phc_real", task_scopes_host=server.url
+        )
+
+        @app.task(name="keyed_in_capture.work")
+        def work(label: str) -> None:
+            task_scopes.capture("worked", properties={"label": label})
+            raise ValueError(label)
+
+        with installed(app):
+            with pytest.raises(ValueError, match="eager"):
+                work.apply(args=["eager"]).get()
+            app.finalize(auto=True)
+            with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+                work.delay("worker").get(timeout=WAIT, propagate=False)
+            events = captured.events
+        assert sorted(
+            (e["event"], e["properties"].get("label")) for e in events if e["event"] == "worked"
+        ) == [("worked", "eager"), ("worked", "worker")]
+        assert len(captured.named("$exception")) == 2
+        assert server.events == []

@@ -158,6 +158,9 @@ def make_producer(capture_server: CaptureServer) -> Iterator[MakeProducer]:
         if plugin:
             from task_scopes.celery import install
 
+            # The test process's own events (outside tasks) go to init()'s client, which
+            # the app's task runs share: same key and host.
+            task_scopes.init(API_KEY, capture_server.url, flush_interval=0.1)
             install(app)
         apps.append((app, plugin))
         return app
@@ -178,5 +181,5 @@ def make_producer(capture_server: CaptureServer) -> Iterator[MakeProducer]:
             app.backend.client.connection_pool.disconnect()
         app.close()
     if any(plugin for _, plugin in apps):
-        # Flushes the client install() created, and leaves a disabled one for later tests.
+        # Flushes the client init() made, and leaves a disabled one for later tests.
         task_scopes.init()

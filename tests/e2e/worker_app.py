@@ -36,6 +36,13 @@ ENV_SETTINGS = "TS_E2E_SETTINGS"
 ENV_PLUGIN = "TS_E2E_PLUGIN"
 
 USER_HEADER = "x-user-header"
+# Keys of ENV_SETTINGS that configure this module rather than the app:
+# a second app installed after the first, with this API key (queue: QUEUE + "_second")
+SECOND_API_KEY = "e2e_second_api_key"
+# "1": the worker runs the second app's tasks
+SERVE_SECOND = "e2e_serve_second"
+# "1": task_scopes.init() with the same key and host and a before_send that drops "email"
+INIT_SCRUBBER = "e2e_init_scrubber"
 
 
 def make_app(
@@ -207,6 +214,10 @@ def _register_tasks(app: Celery) -> None:
             gc_objects=len(gc.get_objects()),
         )
 
+    @app.task(shared=False, name="e2e.capture_props", bind=True)
+    def capture_props(self: Task, label: str, properties: dict[str, Any]) -> None:
+        _report(self, "e2e.report", label, **properties)
+
     @app.task(shared=False, name="e2e.count", bind=True)
     def count(self: Task, label: str, key: str) -> None:
         _report(self, "e2e.count", label)
@@ -244,8 +255,22 @@ def _record_isolation_before_prerun(
         _isolation_before_prerun[task_id] = repr(_scope.active_isolation_scope())
 
 
+def _scrub_email(event: dict[str, Any]) -> dict[str, Any]:
+    event["properties"].pop("email", None)
+    return event
+
+
 def _worker_app_from_env() -> Celery:
     settings = json.loads(os.environ.get(ENV_SETTINGS, "{}"))
+    second_key = settings.pop(SECOND_API_KEY, None)
+    serve_second = settings.pop(SERVE_SECOND, False)
+    if settings.pop(INIT_SCRUBBER, False):
+        task_scopes.init(
+            settings["task_scopes_api_key"],
+            settings["task_scopes_host"],
+            flush_interval=0.2,
+            before_send=_scrub_email,
+        )
     worker_app = make_app(
         os.environ.get(ENV_BROKER, "memory://"),
         queue=os.environ.get(ENV_QUEUE, "e2e"),
@@ -263,6 +288,16 @@ def _worker_app_from_env() -> Celery:
         from task_scopes.celery import install
 
         install(worker_app)
+        if second_key is not None:
+            second = make_app(
+                os.environ.get(ENV_BROKER, "memory://"),
+                queue=os.environ.get(ENV_QUEUE, "e2e") + "_second",
+                backend=os.environ.get(ENV_BACKEND) or None,
+                settings={**settings, "task_scopes_api_key": second_key},
+            )
+            install(second)  # installed last: it must not take the first app's events
+            if serve_second:
+                return second
     else:
         task_scopes.init(
             settings["task_scopes_api_key"],
