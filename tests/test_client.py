@@ -344,3 +344,32 @@ def test_consumer_threads_are_started_lazily_one_per_client() -> None:
     assert len(_consumer_threads()) == before + 1
     client.shutdown(timeout=5)
     assert len(transport.events) == 50
+
+
+def test_debug_changes_that_clients_logging_only() -> None:
+    from task_scopes import _internal
+
+    previous = _internal.set_reraise(False)  # production behaviour of the guard
+    level = logging.getLogger("task_scopes").level
+    try:
+        Client(debug=True, transport=InMemoryTransport())
+        assert logging.getLogger("task_scopes").level == level
+        other = Client(transport=InMemoryTransport())
+        # a user mistake on another client is still swallowed, not raised
+        assert other.capture("x", properties="oops") is None  # type: ignore[arg-type]
+    finally:
+        _internal.set_reraise(previous)
+
+
+def test_flush_at_exit_covers_every_client(server: CaptureServer) -> None:
+    from task_scopes.celery import _signals
+
+    first = Client("phc_first", server.url, flush_interval=300)
+    second = Client("phc_second", server.url, flush_interval=300)
+    first.capture("from_first")
+    second.capture("from_second")
+    _signals._on_worker_process_shutdown()  # a pool child's exit path
+    events = server.wait_for(2, timeout=10)
+    assert sorted(server.api_key_of(e) or "" for e in events) == ["phc_first", "phc_second"]
+    _signals.flush_at_exit()
+    assert first.stats().delivered == second.stats().delivered == 1

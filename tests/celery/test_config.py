@@ -22,8 +22,8 @@ def _allow_all(task_name: str) -> bool:
     return True
 
 
-# Every key of the settings table (DESIGN §5 plus the documented caps), a non-default
-# value for each, and the Options attribute it lands in.
+# Every key of the settings table of ``task_scopes.celery``, a non-default value for
+# each, and the Options attribute it lands in.
 EVERY_SETTING: dict[str, Any] = {
     "api_key": "phc_test",
     "host": "http://127.0.0.1:9",

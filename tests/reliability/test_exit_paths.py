@@ -1,4 +1,5 @@
-"""Every way a prefork worker can exit, and what reaches the collector (DESIGN §4).
+"""Every way a prefork worker can exit, and what reaches the collector (the lifecycle
+table of ``task_scopes.celery``).
 
 Real ``celery worker -P prefork`` subprocesses on Redis, the loopback collector in this
 process; the measurements are those of ``python bench/soak.py --exit-paths``

@@ -6,7 +6,8 @@ clean (control characters, lone surrogates, over-long strings and keys, ``celery
 ``$`` keys, more than 64 tags, containers nested too deep, NaN), random JSON, wrong types,
 huge strings, bytes, PostHog's ``X-POSTHOG-*`` headers, and missing, forged or malformed
 signatures when a secret is set. What the worker must restore is computed by
-:func:`expected`, which follows DESIGN §3 (the spec), not the plugin's code.
+:func:`expected`, which follows the wire format in ``task_scopes.celery._header``
+(the spec), not the plugin's code.
 
 Examples: ``TASK_SCOPES_FUZZ_EXAMPLES`` (default 2,000; the acceptance run uses 10,000) go
 through eager ``task.apply(headers=...)``, the cheapest real task run; a tenth of them
@@ -46,7 +47,7 @@ PH_DISTINCT, PH_SESSION, PH_TAGS = (
     "X-POSTHOG-CONTEXT-TAGS",
 )
 
-# -- the spec (DESIGN §3), as an oracle --------------------------------------------------
+# -- the spec (the wire format), as an oracle-----------------------------------------------
 
 DECODE_LIMIT = 256 * 1024  # characters; larger headers are refused unparsed
 MAX_TAGS, MAX_KEY, MAX_VALUE, MAX_DEPTH = 64, 200, 1000, 8
@@ -158,7 +159,7 @@ def _posthog(headers: dict[str, Any], secret: str | None) -> tuple[Any, ...]:
 
 
 def expected(headers: dict[str, Any], secret: str | None) -> tuple[Any, ...]:
-    """``(distinct_id, session_id, tags)`` the task must see, per DESIGN §3: our header
+    """``(distinct_id, session_id, tags)`` the task must see, per the wire format: our header
     when present (valid, or else nothing), else PostHog's headers, else nothing."""
     try:
         if headers.get(HEADER) is not None:
