@@ -54,3 +54,22 @@ def test_only_the_scope_module_touches_scope_internals() -> None:
             if _PRIVATE.search(line):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_the_settings_table_shows_the_defaults_the_code_uses() -> None:
+    import dataclasses
+
+    import task_scopes.celery
+    from task_scopes.celery import Options
+
+    doc = task_scopes.celery.__doc__ or ""
+    rows = {
+        line.split()[0].strip("`"): line.split()[1]
+        for line in doc.splitlines()
+        if line.startswith("``task_scopes_")
+    }
+    for field in dataclasses.fields(Options):
+        default = field.default
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            continue
+        assert float(rows[f"task_scopes_{field.name}"]) == default, field.name
