@@ -52,7 +52,8 @@ class Worker:
         name: node name prefix (``-n {name}@%h``), unique per run.
         queue: the one queue it consumes (``-Q``).
         log_path: the worker's stdout and stderr; appended to.
-        env: environment variables for the worker, on top of this process's.
+        env: environment variables for the worker, on top of this process's; a None value
+            removes the variable.
         pool: ``-P``; concurrency: ``-c``.
         loglevel: ``-l``; readiness is read from the log unless ``ready`` is given, which
             needs ``INFO``.
@@ -69,7 +70,7 @@ class Worker:
         name: str,
         queue: str,
         log_path: Path,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str | None] | None = None,
         pool: str = "prefork",
         concurrency: int = 2,
         loglevel: str = "INFO",
@@ -123,6 +124,7 @@ class Worker:
                 killed then).
         """
         env = {**os.environ, **self.env}
+        env = {key: value for key, value in env.items() if value is not None}
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (*map(str, self.path), str(ROOT), env.get("PYTHONPATH", "")) if p
         )
