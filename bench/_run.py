@@ -2,7 +2,7 @@
 
     python bench/_run.py publish --config task_scopes --calls 2000 --rounds 5
     python bench/_run.py eager   --config posthog --tasks 3000 --collector URL --status URL
-    python bench/_run.py e2e     --config sentry --tasks 5000 --redis redis://127.0.0.1/14 ...
+    python bench/_run.py e2e     --config sentry --tasks 5000 --redis URL ...
 
 Run by ``overhead.py``; see its docstring for what each figure means.
 """
@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
-import sys
+import shutil
 import tempfile
 import time
 import urllib.request
@@ -23,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from _configs import build
+from _root import BENCH
 
-HERE = Path(__file__).resolve().parent
+from tests.harness.worker import Worker
 
 
 def _events(status_url: str | None) -> int:
@@ -146,17 +144,6 @@ def _peak_rss(pid: int) -> int | None:
     return None
 
 
-def _stop(worker: subprocess.Popen[bytes]) -> None:
-    """Warm shutdown (SIGTERM), bounded; SIGKILL only if it does not end in 30 s."""
-    if worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(10)
-
-
 def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
     """Throughput, worker CPU and peak RSS with a real ``celery worker -P solo`` on Redis.
 
@@ -171,27 +158,33 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
     import redis
 
     rdb = redis.Redis.from_url(args.redis)
-    rdb.flushdb()
     queue = f"bench-{args.config}-{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ)
-    env.update(
-        BENCH_CONFIG=args.config,
-        BENCH_BROKER=args.redis,
-        BENCH_QUEUE=queue,
-        BENCH_REDIS=args.redis,
-        BENCH_COLLECTOR=args.collector or "",
-        BENCH_SENTRY_DSN=args.sentry_dsn or "",
-        PYTHONPATH=os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH")) if p),
+    # Keys of this run only: a --redis URL given by hand is shared, and nothing is flushed.
+    warm, timed = f"{queue}:warm", f"{queue}:timed"
+    env = {
+        "BENCH_CONFIG": args.config,
+        "BENCH_BROKER": args.redis,
+        "BENCH_QUEUE": queue,
+        "BENCH_REDIS": args.redis,
+        "BENCH_COLLECTOR": args.collector or "",
+        "BENCH_SENTRY_DSN": args.sentry_dsn or "",
+    }
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-worker-"))
+    worker = Worker(
+        "_worker_app",
+        name=queue,
+        queue=queue,
+        log_path=log_dir / "worker.log",
+        env=env,
+        pool="solo",
+        concurrency=1,
+        loglevel="WARNING",
+        path=[BENCH],
+        ready=lambda: bool(rdb.exists(f"{queue}:ready")),  # set by _worker_app
     )
-    name = f"{queue}@bench"
-    log = tempfile.NamedTemporaryFile(prefix="bench-worker-", suffix=".log", delete=False)  # noqa: SIM115
-    cmd = [
-        sys.executable, "-m", "celery", "-A", "_worker_app", "worker", "-P", "solo",
-        "-Q", queue, "-n", name, "--loglevel", "WARNING",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]  # fmt: skip
-    worker = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = worker.log_path
     try:
+        worker.start(120)
         built = build(
             args.config,
             broker=args.redis,
@@ -206,53 +199,55 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
         proc = psutil.Process(worker.pid)
         with built.caller_context():
             for i in range(args.warmup):
-                delay(i, "warm", args.warmup)
+                delay(i, warm, args.warmup)
             deadline = time.monotonic() + 120
-            while rdb.get("warm:done") is None:
-                if worker.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"worker not ready; log in {log.name}")
+            while rdb.get(f"{warm}:done") is None:
+                if not worker.alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker not ready; log in {log}")
                 time.sleep(0.02)
             before = _wait_events(status, args.warmup, quiet=3.0, deadline=time.monotonic() + 30)
             # Stop consuming, publish everything, then consume: a concurrent publisher would
             # compete with the worker for the two cores and starve it, so the figures would
             # measure the publisher and the worker's idle polling.
             control = built.app.control
-            if not control.cancel_consumer(queue, destination=[name], reply=True, timeout=30):
-                raise RuntimeError(f"worker did not stop consuming; log in {log.name}")
+            name = [worker.hostname]
+            if not control.cancel_consumer(queue, destination=name, reply=True, timeout=30):
+                raise RuntimeError(f"worker did not stop consuming; log in {log}")
             start = time.perf_counter()
             for i in range(args.tasks):
-                delay(i, "timed", args.tasks)
+                delay(i, timed, args.tasks)
             published = time.perf_counter()
         cpu0 = _cpu_seconds(proc)
         threads0 = _thread_cpu(proc)
         consume = time.perf_counter()
-        if not control.add_consumer(queue, destination=[name], reply=True, timeout=30):
-            raise RuntimeError(f"worker did not resume consuming; log in {log.name}")
+        if not control.add_consumer(queue, destination=name, reply=True, timeout=30):
+            raise RuntimeError(f"worker did not resume consuming; log in {log}")
         rss_max = 0
         deadline = time.monotonic() + max(120.0, args.tasks / 20)
         seen, changed = _events(status), time.monotonic()
         while time.monotonic() < deadline:
             rss_max = max(rss_max, proc.memory_info().rss)
-            done = rdb.get("timed:done") is not None
+            done = rdb.get(f"{timed}:done") is not None
             now_seen = _events(status)
             if now_seen != seen:
                 seen, changed = now_seen, time.monotonic()
             if done and (seen >= before + args.tasks or time.monotonic() - changed > 3.0):
                 break
-            if worker.poll() is not None:
-                raise RuntimeError(f"worker exited; log in {log.name}")
+            if not worker.alive():
+                raise RuntimeError(f"worker exited; log in {log}")
             time.sleep(0.02)
         else:
-            done_count = int(rdb.get("timed") or 0)
-            raise RuntimeError(f"timed out: {done_count} tasks done; log in {log.name}")
+            done_count = int(rdb.get(timed) or 0)
+            raise RuntimeError(f"timed out: {done_count} tasks done; log in {log}")
         cpu = _cpu_seconds(proc) - cpu0
         threads = _thread_cpu(proc)
         main_cpu = threads.get(worker.pid, 0.0) - threads0.get(worker.pid, 0.0)
         peak = _peak_rss(worker.pid) or rss_max
-        done_at = float(rdb.get("timed:done") or "nan")
+        done_at = float(rdb.get(f"{timed}:done") or "nan")
     finally:
-        _stop(worker)
-    os.unlink(log.name)
+        if worker.proc is not None:
+            worker.stop(30)
+    shutil.rmtree(log_dir)
     result: dict[str, Any] = {
         "e2e_start": start,
         "e2e_published": published,
@@ -278,7 +273,7 @@ def main() -> int:
     parser.add_argument("--collector", help="PostHog-style capture host (loopback)")
     parser.add_argument("--sentry-dsn")
     parser.add_argument("--status", help="receiver URL answering GET / with event counts")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/14")
+    parser.add_argument("--redis", help="Redis URL (e2e): overhead.py passes its own server's")
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)

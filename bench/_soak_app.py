@@ -1,6 +1,6 @@
 """Celery app of the soak and exit-path workers: ``celery -A _soak_app worker -P prefork``.
 
-Configured from ``SOAK_*`` environment variables (see :class:`_soak_harness.Settings`),
+Configured from ``SOAK_*`` environment variables (see :class:`_soak_ledger.Settings`),
 so the driver and every worker it starts build the same app. Bookkeeping goes to Redis
 under ``SOAK_PREFIX`` so that it survives the processes that wrote it:
 

@@ -1,6 +1,7 @@
 """What reaches the collector when a worker exits, each way it can exit.
 
     python bench/soak.py --exit-paths [--exit-tasks 400]
+    python bench/soak.py --exit-path kill-child --flush-interval 2 --kills 2 --json out.json
 
 Each measurement starts a real prefork worker (``_soak_app``) on Redis, feeds it tasks that
 each capture one event after ``hold`` seconds of simulated work (so events are captured at
@@ -23,6 +24,7 @@ The measurements run with ``flush_at`` 1000 so that the interval alone bounds th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import tempfile
@@ -36,13 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import redis
-from _soak_harness import Captured, Ledger, Settings, Worker, wait_for
+from _soak_ledger import Captured, Ledger, Settings, redis_for, soak_worker
 from celery import Celery
 
 import task_scopes
 import task_scopes.celery
 from task_scopes.testing import CaptureServer
+from tests.harness.worker import Worker, wait_for
 
 EVENT = "soak task"
 
@@ -78,6 +80,22 @@ class Outcome:
     @property
     def window(self) -> float:
         return max(self.ages, default=0.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The outcome as JSON-ready data: every field, plus ``ages`` and ``window``."""
+        return {
+            "scenario": self.scenario,
+            "flush_interval": self.flush_interval,
+            "captured": self.captured,
+            "received": self.received,
+            "lost": [event._asdict() for event in self.lost],
+            "signals": self.signals,
+            "notes": self.notes,
+            "exit_code": self.exit_code,
+            "details": self.details,
+            "ages": self.ages,
+            "window": self.window,
+        }
 
     def line(self) -> str:
         return (
@@ -160,7 +178,7 @@ class Rig:
 
     @contextmanager
     def worker(self, settings: Settings, name: str, **kwargs: Any) -> Iterator[Worker]:
-        worker = Worker(settings, name, self.log_dir, **kwargs).start()
+        worker = soak_worker(settings, name, self.log_dir, **kwargs).start(60)
         try:
             yield worker
         finally:
@@ -358,35 +376,60 @@ def rig(broker: str, log_dir: Path | None = None) -> Iterator[Rig]:
             built.close()
 
 
-def main(args: argparse.Namespace) -> int:
+def single(r: Rig, args: argparse.Namespace) -> Outcome:
+    """The one measurement ``args.exit_path`` names, with the options given."""
+    tasks, interval, outage = args.exit_tasks, args.flush_interval, args.exit_outage
+    if args.exit_path == "warm":
+        return warm(
+            r, tasks, flush_interval=interval, outage=outage,
+            shutdown_timeout=args.shutdown_timeout,
+        )  # fmt: skip
+    if args.exit_path == "recycle":
+        return recycle(r, tasks, per_child=args.per_child, flush_interval=interval)
+    if args.exit_path == "kill-child":
+        return kill_child(r, tasks, interval, kills=args.kills, outage=outage)
+    signum = {"cold": signal.SIGQUIT, "kill-main": signal.SIGKILL}[args.exit_path]
+    return main_signal(r, signum, tasks, interval, outage=outage)
+
+
+def every_path(r: Rig, tasks: int) -> list[Outcome]:
     """Every exit path, at flush intervals 0.5 s and 5 s; prints one line each."""
-    store = redis.Redis.from_url(args.redis)
-    if not args.no_flush:
-        store.flushdb()
+    outcomes = [warm(r, tasks), recycle(r, tasks // 4)]
+    for timeout in (10.0, 30.0):
+        outcomes.append(warm(r, tasks, flush_interval=0.5, outage=10.0, shutdown_timeout=timeout))
+        print(outcomes[-1].line(), flush=True)
+    for interval in (0.5, 5.0):
+        for signum in (signal.SIGQUIT, signal.SIGKILL):
+            outcomes.append(main_signal(r, signum, tasks * 4, interval))
+            print(outcomes[-1].line(), flush=True)
+        outcomes.append(kill_child(r, tasks * 4, interval))
+        print(outcomes[-1].line(), flush=True)
+    outcomes.append(main_signal(r, signal.SIGQUIT, tasks * 4, 0.5, outage=5.0))
+    print(outcomes[-1].line(), flush=True)
+    outcomes.append(kill_child(r, tasks * 4, 0.5, kills=2, outage=5.0))
+    print(outcomes[-1].line(), flush=True)
+    return outcomes
+
+
+def main(args: argparse.Namespace) -> int:
+    """``--exit-path NAME``: that measurement; ``--exit-paths``: every one. Prints one line
+    per measurement and, with ``--json``, writes the outcomes (one object, or a list).
+
+    Exit status 1 when a warm or recycled exit lost events (but for an outage that
+    outlasted the shutdown timeout), else 0.
+    """
     tasks = args.exit_tasks
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="soak-exits-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"exit paths: {tasks} tasks each, 20 ms of work per task; logs in {log_dir}")
-    with rig(args.redis, log_dir) as r:
-        outcomes = [warm(r, tasks), recycle(r, tasks // 4)]
-        for timeout in (10.0, 30.0):
-            outcomes.append(
-                warm(r, tasks, flush_interval=0.5, outage=10.0, shutdown_timeout=timeout)
-            )
-            print(outcomes[-1].line(), flush=True)
-        for interval in (0.5, 5.0):
-            for signum in (signal.SIGQUIT, signal.SIGKILL):
-                outcomes.append(main_signal(r, signum, tasks * 4, interval))
-                print(outcomes[-1].line(), flush=True)
-            outcomes.append(kill_child(r, tasks * 4, interval))
-            print(outcomes[-1].line(), flush=True)
-        outcomes.append(main_signal(r, signal.SIGQUIT, tasks * 4, 0.5, outage=5.0))
-        print(outcomes[-1].line(), flush=True)
-        outcomes.append(kill_child(r, tasks * 4, 0.5, kills=2, outage=5.0))
-        print(outcomes[-1].line(), flush=True)
+    with redis_for(args.redis) as url, rig(url, log_dir) as r:
+        outcomes = [single(r, args)] if args.exit_path else every_path(r, tasks)
     print("\nsummary")
     for outcome in outcomes:
         print(outcome.line())
+    if args.json:
+        data = [o.as_dict() for o in outcomes]
+        Path(args.json).write_text(json.dumps(data[0] if args.exit_path else data, indent=2))
     # Warm and recycled exits must lose nothing, but for the outage outlasting the timeout.
     bad = [
         o

@@ -21,7 +21,7 @@ eager
     of 600 tasks. ``bare`` runs the same task body without the capture call. ``eager
     cpu`` is the process CPU time (all threads) over the same round.
 e2e throughput
-    tasks/s through a real ``celery worker -P solo`` on the local Redis, from the first of
+    tasks/s through a real ``celery worker -P solo`` on a private Redis, from the first of
     N publishes until the worker finished the N-th task *and* the last event reached the
     loopback receiver. Each task increments a Redis counter (all configurations). The
     worker is started and warmed up first, then stops consuming (``cancel_consumer``)
@@ -48,21 +48,21 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from _configs import CONFIGS, available
 from _receivers import Receivers
+from _root import BENCH
 
-HERE = Path(__file__).resolve().parent
+from tests.harness.redis_server import RedisServer
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _run(scenario: str, config: str, args: argparse.Namespace) -> dict[str, Any]
     """One subprocess measuring ``scenario`` for ``config``; returns its figures."""
     with Receivers() as rx:
         cmd = [
-            sys.executable, str(HERE / "_run.py"), scenario, "--config", config,
+            sys.executable, str(BENCH / "_run.py"), scenario, "--config", config,
             "--collector", rx.capture.url, "--sentry-dsn", rx.sentry.dsn,
             "--status", rx.status_url(config), "--redis", args.redis,
         ]  # fmt: skip
@@ -114,7 +114,7 @@ def _run(scenario: str, config: str, args: argparse.Namespace) -> dict[str, Any]
             cmd += ["--tasks", str(args.eager_tasks), "--rounds", str(args.rounds)]
         else:
             cmd += ["--tasks", str(args.tasks)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=BENCH)
         if done.returncode != 0:
             raise RuntimeError(
                 f"{scenario}/{config} failed ({done.returncode}):\n{done.stderr[-3000:]}"
@@ -137,40 +137,6 @@ def _run(scenario: str, config: str, args: argparse.Namespace) -> dict[str, Any]
         result["drain_tps"] = tasks / (end - result["e2e_consume"])
         result["e2e_publish_us"] = (result["e2e_published"] - result["e2e_start"]) / tasks * 1e6
     return result
-
-
-@contextlib.contextmanager
-def private_redis() -> Iterator[str]:
-    """A ``redis-server`` of our own on a free loopback port, without persistence.
-
-    The shared server's databases 1-15 are taken in turn (and flushed) by the test suite's
-    ``redis_url`` fixture, so a benchmark there can lose its queue to a test run.
-    """
-    import redis
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--logfile", ""],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.ConnectionError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("private redis-server did not start") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def _fmt(value: float) -> str:
@@ -255,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         "--redis",
         default=os.environ.get("TASK_SCOPES_BENCH_REDIS", "private"),
         help="'private' (default): a redis-server of its own on a free loopback port, for "
-        "the whole run; or a URL of a database of its own, FLUSHED before each e2e run",
+        "the whole run (tests.harness.redis_server); or a Redis URL, where each e2e run "
+        "adds keys and a queue of its own and deletes nothing",
     )
     args = parser.parse_args(argv)
     reps = args.reps if args.reps is not None else (1 if args.quick else 5)
@@ -277,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with contextlib.ExitStack() as stack:
         if args.redis == "private" and "e2e" in scenarios:
-            args.redis = stack.enter_context(private_redis())
+            args.redis = stack.enter_context(RedisServer()).url(0)
         return _measure(args, configs, scenarios, reps)
 
 

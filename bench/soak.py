@@ -3,12 +3,15 @@
     python bench/soak.py                     # 20,000 tasks, 10 s outages, 5 s stalls
     python bench/soak.py --tasks 2000 --rate 50 --outage 3 --stall 2 --http-timeout 1  # CI
     python bench/soak.py --exit-paths        # loss on SIGTERM / SIGQUIT / SIGKILL instead
+    python bench/soak.py --exit-path warm --flush-interval 300 --json out.json  # one of them
 
 What runs:
 
-* a ``celery worker -P prefork -c 2`` on Redis (its own database, flushed unless
-  ``--no-flush``; its own queue), running ``_soak_app.work``, which captures one event
-  saying which context it expects and records the event's UUID in Redis;
+* a ``celery worker -P prefork -c 2`` on Redis (by default a ``redis-server`` of the run's
+  own on a free port, gone with its data at the end; ``--redis URL`` to use another, where
+  the run adds keys under its own prefix and queue and deletes nothing), running
+  ``_soak_app.work``, which captures one event saying which context it expects and
+  records the event's UUID in Redis;
 * ``--producers`` threads publishing ``--tasks`` tasks (``--rate`` per second in all, so
   that the faults meet a steady flow) in batches of ``--batch``, each
   batch inside its own ``new_context(fresh=True)`` with a distinct ID, session ID and tag
@@ -46,14 +49,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
-from _soak_harness import Ledger, RssSample, RssSampler, Settings, Worker, wait_for
+import _root  # noqa: F401  (puts the repository root on sys.path, for tests.harness)
+from _soak_ledger import Ledger, RssSample, RssSampler, Settings, redis_for, soak_worker
 
 import task_scopes
 from task_scopes.testing import CaptureServer, Reply
+from tests.harness.worker import Worker, wait_for
 
 MIB = 1024 * 1024
 EVENT = "soak task"
+EXIT_PATHS = ("warm", "recycle", "cold", "kill-main", "kill-child")  # see _soak_exits
 
 
 @dataclass
@@ -69,9 +74,9 @@ class Fleet:
 
     def start(self) -> Worker:
         self.started += 1
-        worker = Worker(
+        worker = soak_worker(
             self.settings, f"soak-{self.started}", self.log_dir, concurrency=self.concurrency
-        ).start()
+        ).start(60)
         self.current = worker
         return worker
 
@@ -180,15 +185,9 @@ class Faults(threading.Thread):
 
 
 def progress(
-    ledger: Ledger,
-    server: CaptureServer,
-    halt: threading.Event,
-    abort: threading.Event,
-    intact: Any,
-    every: float = 10.0,
+    ledger: Ledger, server: CaptureServer, halt: threading.Event, every: float = 10.0
 ) -> None:
-    """Print a line to stderr every ``every`` seconds until ``halt`` is set; set ``abort``
-    when ``intact()`` turns false (the bookkeeping was wiped: nothing after is valid)."""
+    """Print a line to stderr every ``every`` seconds until ``halt`` is set."""
     started = time.monotonic()
     while not halt.wait(every):
         print(
@@ -197,10 +196,6 @@ def progress(
             file=sys.stderr,
             flush=True,
         )
-        if not intact():
-            print("the Redis database was flushed by someone else: aborting", file=sys.stderr)
-            abort.set()
-            return
 
 
 def publish(work: Any, args: argparse.Namespace, run_id: str, abort: threading.Event) -> int:
@@ -376,19 +371,14 @@ def report(summary: dict[str, Any], faults: list[str], notes: list[str]) -> None
 
 
 def soak(args: argparse.Namespace) -> int:
-    store = redis.Redis.from_url(args.redis)
-    if not args.no_flush:
-        store.flushdb()
-    with CaptureServer() as server:
+    with redis_for(args.redis) as url, CaptureServer() as server:
         settings = Settings(
-            broker=args.redis,
+            broker=url,
             collector=server.url,
             flush_interval=args.flush_interval,
             shutdown_timeout=args.shutdown_timeout,
             http_timeout=args.http_timeout,
         )
-        sentinel = f"{settings.prefix}:sentinel"
-        store.set(sentinel, 1)
         app_module = settings.app_module()
         app_module.app.finalize(auto=True)
         ledger = Ledger(settings)
@@ -400,11 +390,7 @@ def soak(args: argparse.Namespace) -> int:
         faults = Faults(server, fleet, ledger, args.tasks, args)
         started = time.monotonic()
         halt = threading.Event()
-        threading.Thread(
-            target=progress,
-            args=(ledger, server, halt, faults.abort, lambda: bool(store.exists(sentinel))),
-            daemon=True,
-        ).start()
+        threading.Thread(target=progress, args=(ledger, server, halt), daemon=True).start()
         sampler.start()
         faults.start()
         try:
@@ -433,8 +419,6 @@ def soak(args: argparse.Namespace) -> int:
         problems.append(f"tasks still running after {args.deadline} s")
     if faults.error is not None:
         problems.append(f"fault schedule failed: {faults.error!r}")
-    if not store.exists(sentinel):
-        problems.append("the Redis database was flushed by someone else during the run")
     summary["problems"] = problems
     summary["logs"] = str(log_dir)
     if args.json:
@@ -452,8 +436,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--rate", type=float, default=100.0, help="tasks published per second, in all")
     add("--batch", type=int, default=50, help="tasks per producer context (distinct ID)")
     add("--concurrency", type=int, default=2, help="prefork pool children")
-    add("--redis", default="redis://127.0.0.1:6379/11", help="broker and bookkeeping")
-    add("--no-flush", action="store_true", help="do not FLUSHDB the Redis database first")
+    add(
+        "--redis",
+        default="private",
+        help="broker and bookkeeping: 'private' (default), a redis-server of the run's own "
+        "on a free port, gone with its data at the end; or a Redis URL, where the run adds "
+        "keys under its own prefix and queue and deletes nothing",
+    )
     add("--outage", type=float, default=10.0, help="seconds the collector is fully down")
     add("--stall", type=float, default=5.0, help="seconds a stalled collector answer takes")
     add("--http-timeout", type=float, default=3.0, help="task_scopes_timeout, seconds")
@@ -462,16 +451,32 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--rss-tolerance", type=float, default=0.15, help="allowed last/first quarter growth")
     add("--deadline", type=float, default=1800.0, help="seconds to wait for the tasks")
     add("--log-dir", help="worker logs (default: a new temporary directory)")
-    add("--json", help="also write the summary as JSON to this file")
-    add("--exit-paths", action="store_true", help="measure loss per exit path instead")
-    add("--exit-tasks", type=int, default=400, help="tasks per exit-path measurement")
+    add("--json", help="also write the summary (or the exit-path outcomes) as JSON here")
+    exits = parser.add_argument_group("exit paths")
+    exits.add_argument("--exit-paths", action="store_true", help="measure loss per exit path")
+    exits.add_argument(
+        "--exit-path",
+        choices=EXIT_PATHS,
+        help="one exit-path measurement, with --exit-tasks, --flush-interval, "
+        "--shutdown-timeout, --exit-outage, --per-child, --kills",
+    )
+    exits.add_argument("--exit-tasks", type=int, default=400, help="tasks per measurement")
+    exits.add_argument(
+        "--exit-outage",
+        type=float,
+        default=0.0,
+        help="--exit-path: seconds the collector is down (warm: from the signal; cold, "
+        "kill-main, kill-child: before each signal)",
+    )
+    exits.add_argument("--per-child", type=int, default=10, help="recycle: tasks per child")
+    exits.add_argument("--kills", type=int, default=4, help="kill-child: children killed")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: where is it stuck?
-    if args.exit_paths:
+    if args.exit_paths or args.exit_path:
         from _soak_exits import main as exits
 
         return exits(args)

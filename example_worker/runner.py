@@ -158,12 +158,14 @@ def _worker_said(path: Path) -> list[str]:
 
 
 def _delete_queue(app: Any, queue: str) -> None:
-    """Remove this run's queue from a shared broker (Redis, RabbitMQ); best effort."""
+    """Remove this run's queue, and the exchange Celery named after it, from a shared
+    broker (Redis, RabbitMQ); best effort."""
     try:
         with app.connection_for_write() as connection:
             bound = app.amqp.queues[queue].bind(connection.default_channel)
             bound.declare()  # kombu's Redis channel only deletes bindings it knows of
             bound.delete()
+            bound.exchange.delete()  # RabbitMQ keeps a durable exchange otherwise
     except Exception as exc:  # a leftover empty queue is harmless; say so and go on
         _say(f"note: could not delete queue {queue}: {exc}")
 

@@ -15,7 +15,7 @@ import task_scopes
 from task_scopes.testing import CaptureServer
 
 from . import worker_app
-from .harness import API_KEY, Broker, MakeProducer, StartWorker, Worker, worker_settings
+from .harness import API_KEY, Broker, MakeProducer, StartWorker, Worker, e2e_worker, worker_settings
 
 
 @pytest.fixture
@@ -52,14 +52,15 @@ def capture_server() -> Iterator[CaptureServer]:
 
 @pytest.fixture
 def start_worker(
-    capture_server: CaptureServer, tmp_path: Path, run_id: str
+    capture_server: CaptureServer, tmp_path: Path, run_id: str, unique_queue: str
 ) -> Iterator[StartWorker]:
     """Factory: ``start_worker(broker, pool="prefork", concurrency=2, extra_args=(),
     settings={...overrides}, plugin=True) -> Worker``, started and ready.
 
     At teardown every worker is stopped warm (a test may have stopped it already), and the
     test fails if one needed SIGKILL or logged a task_scopes internal error. The collector
-    outlives the workers, so their exit flushes reach it.
+    outlives the workers, so their exit flushes reach it; so does ``unique_queue``, whose
+    teardown deletes the test's queue and exchanges from RabbitMQ after the workers stopped.
     """
     workers: list[Worker] = []
 
@@ -73,7 +74,7 @@ def start_worker(
         plugin: bool = True,
     ) -> Worker:
         name = f"e2e{run_id}n{len(workers)}"
-        conf: dict[str, Any] = {}
+        conf: dict[str, Any] = broker.celery_settings()
         if broker.kind == "amqp":
             # A 2 s AMQP heartbeat puts a timer in the worker's event loop every second.
             # Without one (Celery 5.7, measured without task_scopes) the loop sleeps up to
@@ -81,7 +82,7 @@ def start_worker(
             # solo worker stalls between deliveries.
             conf["broker_heartbeat"] = 2.0
         conf.update(settings or {})
-        worker = Worker(
+        worker = e2e_worker(
             broker,
             worker_settings(capture_server, **conf),
             tmp_path / f"{name}.log",
@@ -108,24 +109,12 @@ def start_worker(
             found.append(f"worker {worker.name} logged internal errors: {errors[:3]}")
         if found:
             problems += [*found, worker.log_tail()]
-    for broker in {w.broker for w in workers}:
-        _delete_queue(broker)
     if problems:
         pytest.fail("\n".join(problems))
 
 
-def _delete_queue(broker: Broker) -> None:
-    """RabbitMQ keeps durable queues after the test; Redis DBs are flushed on reuse."""
-    if broker.kind != "amqp":
-        return
-    from kombu import Connection
-
-    with Connection(broker.url, connect_timeout=5) as conn:
-        conn.default_channel.queue_delete(broker.queue)
-
-
 @pytest.fixture
-def make_producer(capture_server: CaptureServer) -> Iterator[MakeProducer]:
+def make_producer(capture_server: CaptureServer, unique_queue: str) -> Iterator[MakeProducer]:
     """Factory: ``make_producer(broker, plugin=True, backend=False, settings={...}) -> Celery``.
 
     The producer is this test process, with the same tasks as the worker. With ``plugin``
@@ -141,7 +130,7 @@ def make_producer(capture_server: CaptureServer) -> Iterator[MakeProducer]:
         backend: bool = False,
         settings: dict[str, Any] | None = None,
     ) -> Celery:
-        conf: dict[str, Any] = {}
+        conf: dict[str, Any] = broker.celery_settings()
         if plugin:
             conf.update(
                 task_scopes_api_key=API_KEY,

@@ -1,17 +1,14 @@
-"""The end-to-end harness: a ``celery worker`` subprocess, producers, and event waits.
+"""The end-to-end tests' side of the harness: brokers, producers, and event waits.
 
-Everything here synchronises on something observable (a log line, an event, a counter, a
-process exit) with a deadline; nothing sleeps in place of waiting.
+The worker subprocess itself is :class:`tests.harness.worker.Worker`, shared with the
+benchmarks; :func:`e2e_worker` points it at :mod:`tests.e2e.worker_app`. Everything here
+synchronises on something observable (a log line, an event, a counter, a process exit)
+with a deadline; nothing sleeps in place of waiting.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,22 +21,25 @@ from celery import Celery
 
 import task_scopes
 from task_scopes.testing import CaptureServer
+from tests.harness import rabbitmq
+from tests.harness.worker import INTERNAL_ERROR, READY_TIMEOUT, ROOT, STOP_TIMEOUT, Worker
 
 from . import worker_app
 
-ROOT = Path(__file__).resolve().parents[2]
-INTERNAL_ERROR = "task_scopes: internal error"
-API_KEY = "phc_test"
+__all__ = [
+    "API_KEY", "EVENT_TIMEOUT", "INTERNAL_ERROR", "READY_TIMEOUT", "ROOT", "STOP_TIMEOUT",
+    "Broker", "Event", "MakeProducer", "Predicate", "StartWorker", "Worker", "e2e_worker",
+    "exception_type", "exceptions", "labelled", "producer_context", "props", "wait_events",
+    "wait_for_value", "worker_settings",
+]  # fmt: skip
 
-# Generous: the machine is small and shared. Waits end as soon as the condition holds.
-READY_TIMEOUT = 90.0
-EVENT_TIMEOUT = 60.0
-STOP_TIMEOUT = 90.0
+API_KEY = "phc_test"
+EVENT_TIMEOUT = 60.0  # generous: the machine is small and shared
 
 Event = dict[str, Any]
 Predicate = Callable[[Event], bool]
 # The factories the conftest fixtures ``start_worker`` and ``make_producer`` yield.
-StartWorker = Callable[..., "Worker"]
+StartWorker = Callable[..., Worker]
 MakeProducer = Callable[..., Celery]
 
 
@@ -57,6 +57,11 @@ class Broker:
     queue: str
     redis_url: str
 
+    def celery_settings(self) -> dict[str, str]:
+        """``app.conf`` keys every worker and producer of the test share: the control and
+        event exchanges named after the queue, so the test can delete them after."""
+        return rabbitmq.celery_settings(self.queue)
+
 
 def worker_settings(server: CaptureServer, **overrides: Any) -> dict[str, Any]:
     """``app.conf`` keys for a worker that sends its events to ``server``."""
@@ -69,169 +74,38 @@ def worker_settings(server: CaptureServer, **overrides: Any) -> dict[str, Any]:
     return settings
 
 
-class Worker:
-    """One ``celery worker`` subprocess, in a process group of its own, logging to a file."""
-
-    def __init__(
-        self,
-        broker: Broker,
-        settings: dict[str, Any],
-        log_path: Path,
-        *,
-        name: str,
-        pool: str = "prefork",
-        concurrency: int = 2,
-        extra_args: Sequence[str] = (),
-        plugin: bool = True,
-    ) -> None:
-        self.broker = broker
-        self.settings = settings
-        self.log_path = log_path
-        self.name = name
-        self.pool = pool
-        self.concurrency = concurrency
-        self.extra_args = list(extra_args)
-        self.plugin = plugin
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.killed = False
-        self.returncode: int | None = None
-        self._sentinel = f"e2e:sentinel:{name}"
-
-    @property
-    def hostname(self) -> str:
-        """The node name Celery gives this worker (``-n name@%h``)."""
-        return f"{self.name}@{socket.gethostname()}"
-
-    def start(self, timeout: float = READY_TIMEOUT) -> Worker:
-        """Start the worker and return once its log says it is ready.
-
-        Raises:
-            pytest.fail.Exception: it exited or was not ready within ``timeout`` seconds.
-        """
-        env = dict(os.environ)
-        env.update(
-            {
-                worker_app.ENV_BROKER: self.broker.url,
-                worker_app.ENV_BACKEND: self.broker.redis_url,
-                worker_app.ENV_QUEUE: self.broker.queue,
-                worker_app.ENV_REDIS: self.broker.redis_url,
-                worker_app.ENV_SETTINGS: json.dumps(self.settings),
-                worker_app.ENV_PLUGIN: "1" if self.plugin else "0",
-                "PYTHONPATH": os.pathsep.join(
-                    p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p
-                ),
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tests.e2e.worker_app",
-            "worker",
-            "-P",
-            self.pool,
-            "-c",
-            str(self.concurrency),
-            "-Q",
-            self.broker.queue,
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "-l",
-            "info",
-            "-n",
-            f"{self.name}@%h",
-            *self.extra_args,
-        ]
-        import redis
-
-        with redis.Redis.from_url(self.broker.redis_url, socket_timeout=5) as client:
-            client.set(self._sentinel, "1", ex=3600)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self._wait_ready(timeout)
-        return self
-
-    def _wait_ready(self, timeout: float) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        marker = f"{self.name}@"
-        while time.monotonic() < deadline:
-            for line in self.log().splitlines():
-                if marker in line and line.rstrip().endswith("ready."):
-                    return
-            if self.proc.poll() is not None:
-                pytest.fail(
-                    f"worker {self.name} exited with {self.proc.returncode} before it was "
-                    f"ready\n{self.log_tail()}"
-                )
-            # Polling a log file: there is no readiness event to block on.
-            time.sleep(0.1)
-        pytest.fail(f"worker {self.name} not ready after {timeout:.0f}s\n{self.log_tail()}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """Warm shutdown: SIGTERM, wait up to ``timeout`` s, then SIGKILL the whole group.
-
-        Returns the exit status; :attr:`killed` tells whether SIGKILL was needed.
-        """
-        proc = self.proc
-        if proc is None:
-            raise RuntimeError("worker not started")
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                # Still unreaped, so its pid (the group id) cannot have been reused: the
-                # group is the worker and its pool children, nothing else.
-                self.killed = True
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(30)
-        self.returncode = proc.returncode
-        return proc.returncode
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 80) -> str:
-        tail = self.log().splitlines()[-lines:]
-        text = f"--- worker {self.name} log (last {len(tail)} lines) ---\n" + "\n".join(tail)
-        if not self.redis_intact():
-            text = (
-                f"NOTE: the Redis database {self.broker.redis_url} was flushed by another "
-                "process during the test (queued messages and counters were lost with it)\n" + text
-            )
-        return text
-
-    def redis_intact(self) -> bool:
-        """False when the sentinel key set at start is gone: another test process reused
-        and flushed this Redis database (they are handed out 1-15 in turn per process)."""
-        import redis
-
-        try:
-            with redis.Redis.from_url(self.broker.redis_url, socket_timeout=5) as client:
-                return bool(client.exists(self._sentinel))
-        except redis.RedisError:
-            return True  # unknown; the log tail says the rest
-
-    def internal_errors(self) -> list[str]:
-        return [line for line in self.log().splitlines() if INTERNAL_ERROR in line]
+def e2e_worker(
+    broker: Broker,
+    settings: dict[str, Any],
+    log_path: Path,
+    *,
+    name: str,
+    pool: str = "prefork",
+    concurrency: int = 2,
+    extra_args: Sequence[str] = (),
+    plugin: bool = True,
+) -> Worker:
+    """A (not yet started) worker running :mod:`tests.e2e.worker_app` on ``broker``, with
+    ``settings`` merged into its ``app.conf`` and ``task_scopes.celery.install(app)``
+    unless ``plugin`` is false."""
+    env = {
+        worker_app.ENV_BROKER: broker.url,
+        worker_app.ENV_BACKEND: broker.redis_url,
+        worker_app.ENV_QUEUE: broker.queue,
+        worker_app.ENV_REDIS: broker.redis_url,
+        worker_app.ENV_SETTINGS: json.dumps(settings),
+        worker_app.ENV_PLUGIN: "1" if plugin else "0",
+    }
+    return Worker(
+        "tests.e2e.worker_app",
+        name=name,
+        queue=broker.queue,
+        log_path=log_path,
+        env=env,
+        pool=pool,
+        concurrency=concurrency,
+        extra_args=extra_args,
+    )
 
 
 def wait_events(

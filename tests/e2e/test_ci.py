@@ -1,4 +1,5 @@
-"""Under ``CI=true`` a broker test fails, never skips, when its broker is unreachable."""
+"""Under ``CI=true`` a broker test fails, never skips, when its broker is unreachable or,
+for Redis, when ``redis-server`` is missing."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import pytest
 from .harness import ROOT
 
 PROBE = Path(__file__).with_name("ci_probe.py")
-# Port 1 on loopback: nothing listens there, so the connection is refused at once.
 UNREACHABLE = {
-    "TASK_SCOPES_TEST_REDIS": "redis://127.0.0.1:1",
+    # No such executable: the private Redis cannot be started.
+    "TASK_SCOPES_TEST_REDIS_SERVER": "task-scopes-no-such-redis-server",
+    # Port 1 on loopback: nothing listens there, so the connection is refused at once.
     "TASK_SCOPES_TEST_AMQP": "amqp://guest:guest@127.0.0.1:1//",
 }
 
@@ -42,7 +44,10 @@ def test_unreachable_brokers_fail_under_ci_and_skip_otherwise() -> None:
     assert "2 errors" in in_ci.stdout, in_ci.stdout
     assert "skipped" not in in_ci.stdout
     assert "CI=true: broker tests must not skip" in in_ci.stdout
+    missing = "task-scopes-no-such-redis-server not found on PATH"
+    assert missing in in_ci.stdout, in_ci.stdout
 
     locally = _run_probe(None)
     assert locally.returncode == 0, locally.stdout + locally.stderr
     assert "2 skipped" in locally.stdout, locally.stdout
+    assert missing in locally.stdout, locally.stdout

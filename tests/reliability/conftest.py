@@ -1,41 +1,59 @@
 """Fixtures of the reliability tests.
 
-The exit-path tests drive the same harness the published figures come from
-(``bench/_soak_harness.py``, ``bench/_soak_exits.py``), so ``bench`` goes on ``sys.path``.
+The soak and exit-path tests run ``python bench/soak.py`` in a subprocess, the program the
+published figures come from, and check the JSON result it writes; nothing here imports
+from ``bench``. Its worker subprocesses use this test's database of the private Redis.
 """
 
 from __future__ import annotations
 
-import os
+import json
+import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-import redis
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
+ROOT = Path(__file__).resolve().parents[2]
+SOAK = ROOT / "bench" / "soak.py"
 
-SOAK_REDIS = os.environ.get("TASK_SCOPES_RELIABILITY_REDIS")
+
+@dataclass(frozen=True)
+class SoakRun:
+    """One run of ``bench/soak.py``: its exit status, the JSON it wrote (``--json``), its
+    output (stdout and the end of stderr, for failure messages) and its log directory."""
+
+    returncode: int
+    result: Any
+    output: str
+    log_dir: Path
+
+
+RunSoak = Callable[..., SoakRun]
 
 
 @pytest.fixture
-def soak_redis(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A Redis URL for worker subprocesses: ``redis_url`` (a database of its own, flushed),
-    or ``TASK_SCOPES_RELIABILITY_REDIS`` as given (not flushed; queues and keys are unique
-    per test) on machines where other test runs flush the numbered databases.
+def run_soak(redis_url: str, tmp_path: Path) -> RunSoak:
+    """Factory: ``run_soak(*options, timeout=seconds) -> SoakRun`` runs
+    ``python bench/soak.py *options`` on this test's Redis database, with worker logs in
+    ``tmp_path``. Fails the test when the run wrote no result."""
+    runs = 0
 
-    Fails the test, rather than letting it fail obscurely, when the database was flushed
-    by someone else while it ran.
-    """
-    url = SOAK_REDIS or request.getfixturevalue("redis_url")
-    store = redis.Redis.from_url(url)
-    sentinel = f"reliability:sentinel:{uuid.uuid4().hex}"
-    store.set(sentinel, 1)
-    yield url
-    present = store.delete(sentinel)
-    if not present:
-        pytest.fail(f"{url} was flushed by another process during the test; run it again")
+    def run(*options: str, timeout: float = 240.0) -> SoakRun:
+        nonlocal runs
+        runs += 1
+        out = tmp_path / f"result-{runs}.json"
+        argv = [
+            sys.executable, str(SOAK), *options, "--redis", redis_url,
+            "--log-dir", str(tmp_path), "--json", str(out),
+        ]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        output = f"$ {' '.join(argv[1:])}\n{done.stdout}{done.stderr[-4000:]}"
+        if not out.exists():
+            pytest.fail(f"bench/soak.py exited with {done.returncode}, no result\n{output}")
+        return SoakRun(done.returncode, json.loads(out.read_text()), output, tmp_path)
+
+    return run

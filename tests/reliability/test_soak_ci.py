@@ -8,14 +8,9 @@ The run itself decides pass or fail (exit status); the summary it writes is chec
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from .conftest import BENCH
+from .conftest import RunSoak
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
@@ -25,18 +20,10 @@ CI_RUN = [
 ]  # fmt: skip
 
 
-def test_soak_at_ci_size_loses_nothing_and_misattributes_nothing(
-    soak_redis: str, tmp_path: Path
-) -> None:
-    summary_path = tmp_path / "summary.json"
-    argv = [
-        sys.executable, str(BENCH / "soak.py"), *CI_RUN, "--redis", soak_redis,
-        "--no-flush", "--log-dir", str(tmp_path), "--json", str(summary_path),
-    ]  # fmt: skip
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=BENCH)
-    report = run.stdout + run.stderr[-4000:]
+def test_soak_at_ci_size_loses_nothing_and_misattributes_nothing(run_soak: RunSoak) -> None:
+    run = run_soak(*CI_RUN, timeout=240)
+    summary, report = run.result, run.output
     assert run.returncode == 0, report
-    summary = json.loads(summary_path.read_text())
     assert summary["problems"] == [], report
     assert summary["tasks_published"] == summary["tasks_run"] == 2000
     assert summary["events_received"] == summary["events_captured"] == 2000
