@@ -397,18 +397,26 @@ def flush_all(timeout: float | None, *, stop: bool = False) -> int:
 
 
 _exit_flush_registered = False
+_exit_timeout = _defaults.SHUTDOWN_TIMEOUT
 
 
 def _flush_at_exit() -> None:
-    left = flush_all(_defaults.SHUTDOWN_TIMEOUT, stop=True)
+    left = flush_all(_exit_timeout, stop=True)
     if left:
         logger.warning("task_scopes: %d events undelivered at exit", left)
 
 
-def register_exit_flush() -> None:
-    """Flush every client at interpreter exit (bounded; registered once per process)."""
-    global _exit_flush_registered
+def register_exit_flush(timeout: float | None = None) -> None:
+    """Flush and shut down every client at interpreter exit, registered once per process.
+
+    Args:
+        timeout: seconds (float) the exit flush may take in all; None keeps the current
+            bound (default 10 s). The Celery plugin sets its ``task_scopes_shutdown_timeout``.
+    """
+    global _exit_flush_registered, _exit_timeout
     with _clients_lock:
+        if timeout is not None:
+            _exit_timeout = timeout
         if not _exit_flush_registered:
             atexit.register(_flush_at_exit)
             _exit_flush_registered = True

@@ -96,12 +96,11 @@ key                                 default        meaning
 
 from __future__ import annotations
 
-import atexit
 from typing import Any
 
 from celery import signals
 
-from .._client import Client
+from .._client import Client, register_exit_flush
 from . import _signals
 from ._options import ConfigError, Options
 from ._signals import REGISTRY, Installed
@@ -126,7 +125,6 @@ _HANDLERS = (
     (signals.worker_process_shutdown, _signals._on_worker_process_shutdown),
     (signals.worker_shutdown, _signals._on_worker_shutdown),
 )
-_atexit_registered = False
 
 
 def _uid(signal: Any) -> str:
@@ -148,7 +146,6 @@ def install(app: Any, **overrides: Any) -> Options:
         ConfigError: an unknown key or an invalid value, naming the key. The only error
             the plugin raises on purpose; its signal handlers never raise into Celery.
     """
-    global _atexit_registered
     options = Options.from_app(app, overrides)
     if not options.enabled:
         uninstall(app)
@@ -160,9 +157,8 @@ def install(app: Any, **overrides: Any) -> Options:
         REGISTRY.last = installed
         for signal, handler in _HANDLERS:
             signal.connect(handler, weak=False, dispatch_uid=_uid(signal))
-        if not _atexit_registered:
-            atexit.register(_signals.flush_at_exit)
-            _atexit_registered = True
+        # Cold shutdown fires no worker_shutdown: the exit flush covers it.
+        register_exit_flush(_signals.shutdown_timeout())
         stale = REGISTRY.unused_client(previous)
     if stale is not None:
         stale.shutdown(timeout=options.shutdown_timeout)

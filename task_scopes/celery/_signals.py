@@ -20,7 +20,7 @@ from celery import _state
 from celery.exceptions import Ignore, Reject, Retry
 
 from .. import _api, _defaults
-from .._client import Client, flush_all, register_exit_flush
+from .._client import Client, flush_all
 from .._internal import RateLimitedLog, guard, logger
 from .._scope import Scope, enter_scope, exit_scope, get_global_scope, merged_context
 from ._header import (
@@ -84,9 +84,10 @@ class Installed:
             with REGISTRY.lock:
                 client = _app_clients.get(key)
                 if client is None:
+                    # Flushed at exit by flush_at_exit() below, within the app's
+                    # task_scopes_shutdown_timeout.
                     client = Client(options.api_key, options.host, **options.client_options())
                     _app_clients[key] = client
-                    register_exit_flush()
         return client
 
 
@@ -429,7 +430,7 @@ def _on_task_received(request: Any = None, **_: Any) -> None:
 # -- process lifecycle ---------------------------------------------------------------------
 
 
-def _shutdown_timeout() -> float:
+def shutdown_timeout() -> float:
     timeouts = [i.options.shutdown_timeout for i in list(REGISTRY.apps.values())]
     return max(timeouts) if timeouts else _defaults.SHUTDOWN_TIMEOUT
 
@@ -442,7 +443,7 @@ def _on_worker_process_init(**_: Any) -> None:
 def _on_worker_process_shutdown(**_: Any) -> None:
     # Pool children leave with os._exit(): atexit never runs there, so flush now.
     with guard("worker_process_shutdown"):
-        left = flush_all(_shutdown_timeout())
+        left = flush_all(shutdown_timeout())
         if left:
             logger.warning("task_scopes: %d events undelivered at process shutdown", left)
 
@@ -454,6 +455,6 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 def flush_at_exit() -> None:
     """Shut every client down, bounded by ``task_scopes_shutdown_timeout``."""
-    left = flush_all(_shutdown_timeout(), stop=True)
+    left = flush_all(shutdown_timeout(), stop=True)
     if left:
         logger.warning("task_scopes: %d events undelivered at shutdown", left)
