@@ -64,7 +64,7 @@ def _owner() -> object:
 
 
 class Scope:
-    """Distinct ID, session ID and tags of one scope.
+    """Distinct ID, session ID, window ID and tags of one scope.
 
     A scope is a plain mutable holder; which scope a call reads or writes is decided by the
     module-level functions. ``fork()`` copies it (tags are copied, values are shared).
@@ -77,7 +77,7 @@ class Scope:
         assert scope.tags["plan"] == "pro"
     """
 
-    __slots__ = ("_distinct_id", "_owner", "_session_id", "_tags")
+    __slots__ = ("_distinct_id", "_owner", "_session_id", "_tags", "_window_id")
 
     def __init__(
         self,
@@ -85,16 +85,18 @@ class Scope:
         distinct_id: str | None = None,
         session_id: str | None = None,
         tags: Mapping[str, Any] | None = None,
+        window_id: str | None = None,
     ) -> None:
         self._distinct_id = distinct_id
         self._session_id = session_id
+        self._window_id = window_id
         self._tags: dict[str, Any] = dict(tags) if tags else {}
         self._owner: object = None
 
     def __repr__(self) -> str:
         return (
             f"Scope(distinct_id={self._distinct_id!r}, session_id={self._session_id!r}, "
-            f"tags={self._tags!r})"
+            f"window_id={self._window_id!r}, tags={self._tags!r})"
         )
 
     def fork(self) -> Scope:
@@ -102,6 +104,7 @@ class Scope:
         child = Scope.__new__(Scope)
         child._distinct_id = self._distinct_id
         child._session_id = self._session_id
+        child._window_id = self._window_id
         child._tags = self._tags.copy()
         child._owner = None
         return child
@@ -117,6 +120,11 @@ class Scope:
         return self._session_id
 
     @property
+    def window_id(self) -> str | None:
+        """posthog-js window (browser tab) ID set on this scope itself, or None."""
+        return self._window_id
+
+    @property
     def tags(self) -> Mapping[str, Any]:
         """Tags set on this scope itself, as a read-only copy."""
         return dict(self._tags)
@@ -129,6 +137,10 @@ class Scope:
         """Set (or with None, unset) the session ID of this scope."""
         self._session_id = session_id
 
+    def set_window_id(self, window_id: str | None) -> None:
+        """Set (or with None, unset) the window ID (``$window_id``) of this scope."""
+        self._window_id = window_id
+
     def set_tag(self, key: str, value: Any) -> None:
         """Set one tag; ``key`` is a property name, ``value`` anything JSON can carry."""
         self._tags[key] = value
@@ -138,9 +150,10 @@ class Scope:
         self._tags.pop(key, None)
 
     def clear(self) -> None:
-        """Forget distinct ID, session ID and tags."""
+        """Forget distinct ID, session ID, window ID and tags."""
         self._distinct_id = None
         self._session_id = None
+        self._window_id = None
         self._tags = {}
 
 
@@ -270,15 +283,16 @@ def use_isolation_scope(scope: Scope) -> Iterator[Scope]:
         exit_scope(tokens)
 
 
-def merged_context() -> tuple[str | None, str | None, dict[str, Any]]:
-    """``(distinct_id, session_id, tags)`` as seen from here: current -> isolation -> global.
+def merged_context() -> tuple[str | None, str | None, dict[str, Any], str | None]:
+    """``(distinct_id, session_id, tags, window_id)`` as seen from here: current ->
+    isolation -> global.
 
     Tags are a new dict the caller may keep or change.
     """
     isolation = _isolation_var.get()
     current = _current_var.get()
     tags = _global_scope._tags.copy()
-    distinct_id = session_id = None
+    distinct_id = session_id = window_id = None
     for scope in (current, isolation):
         if scope is None:
             continue
@@ -286,6 +300,8 @@ def merged_context() -> tuple[str | None, str | None, dict[str, Any]]:
             distinct_id = scope._distinct_id
         if session_id is None:
             session_id = scope._session_id
+        if window_id is None:
+            window_id = scope._window_id
     if isolation is not None and isolation._tags:
         tags.update(isolation._tags)
     if current is not None and current._tags:
@@ -294,4 +310,6 @@ def merged_context() -> tuple[str | None, str | None, dict[str, Any]]:
         distinct_id = _global_scope._distinct_id
     if session_id is None:
         session_id = _global_scope._session_id
-    return distinct_id, session_id, tags
+    if window_id is None:
+        window_id = _global_scope._window_id
+    return distinct_id, session_id, tags, window_id

@@ -1,7 +1,9 @@
 """Context <-> message header, and JSON-safe coercion of tag and property values.
 
 Header (DESIGN §3): one top-level message header ``task_scopes`` holding compact JSON
-``{"v": 1, "d": distinct_id, "s": session_id, "t": {tags}}`` (absent keys omitted), plus
+``{"v": 1, "d": distinct_id, "s": session_id, "w": window_id, "t": {tags}}`` (absent keys
+omitted; ``w``, posthog-js's window ID, is optional and was added later, so a header
+without it decodes as before and a decoder that ignores unknown keys still reads ours), plus
 ``task_scopes_sig``, the hex HMAC-SHA256 of the exact header string, when a secret is set.
 Top level only: a nested ``headers["headers"]`` dict (the celery#4875 workaround) hides
 top-level keys from ``request.headers`` and makes ``retry()`` drop the user's own headers.
@@ -21,7 +23,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, time
 from decimal import Decimal
 from enum import Enum
@@ -148,6 +150,7 @@ class WireContext:
     distinct_id: str | None = None
     session_id: str | None = None
     tags: Mapping[str, Any] | None = None
+    window_id: str | None = None
 
 
 def _propagated(key: str) -> bool:
@@ -255,6 +258,7 @@ def encode(
     session_id: str | None,
     tags: Mapping[str, Any],
     limits: Limits = DEFAULT_LIMITS,
+    window_id: str | None = None,
 ) -> tuple[str, list[str]]:
     """Encode a context as the ``task_scopes`` header value.
 
@@ -270,6 +274,9 @@ def encode(
         payload["d"] = did
     if sid is not None:
         payload["s"] = sid
+    wid = _clean_id(window_id, limits)
+    if wid is not None:
+        payload["w"] = wid
     if clean:
         payload["t"] = clean
     header = _dumps_dropping(payload, dropped)
@@ -302,7 +309,7 @@ def encode(
         header = _dumps(payload)
     # IDs alone over the cap: leave them out rather than cut them. A cut distinct ID would
     # attribute the task's events to somebody else; none makes them personless.
-    for field_name, label in (("s", "$session_id"), ("d", "$distinct_id")):
+    for field_name, label in (("w", "$window_id"), ("s", "$session_id"), ("d", "$distinct_id")):
         if len(header.encode()) <= limits.max_bytes:
             break
         if payload.pop(field_name, None) is not None:
@@ -359,7 +366,15 @@ def decode(
     tags = payload.get("t", {})
     if not isinstance(tags, dict):
         raise WireError("tags are not an object")
-    return _received(payload.get("d"), payload.get("s"), tags, limits, "distinct ID", "session ID")
+    context = _received(
+        payload.get("d"), payload.get("s"), tags, limits, "distinct ID", "session ID"
+    )
+    window_id = payload.get("w")
+    if window_id is None:
+        return context
+    if not isinstance(window_id, str):
+        raise WireError("window ID is not a string")
+    return replace(context, window_id=_clean_id(window_id, limits))
 
 
 def _received(

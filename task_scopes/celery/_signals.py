@@ -142,15 +142,16 @@ def _warn_dropped(keys: list[str], limits: Limits) -> None:
     )
 
 
-def _caller_context() -> tuple[str | None, str | None, dict[str, Any]]:
-    """Distinct ID, session ID and tags of the caller's isolation and current scopes.
+def _caller_context() -> tuple[str | None, str | None, dict[str, Any], str | None]:
+    """Distinct ID, session ID, tags and window ID of the caller's isolation and current
+    scopes.
 
     The global scope is left out: it describes the producer process (release, service),
     and the worker has its own.
     """
     isolation = _isolation_var.get()
     current = _current_var.get()
-    distinct_id = session_id = None
+    distinct_id = session_id = window_id = None
     tags: dict[str, Any] = {}
     for scope in (isolation, current):  # current last: it wins
         if scope is None:
@@ -159,9 +160,11 @@ def _caller_context() -> tuple[str | None, str | None, dict[str, Any]]:
             distinct_id = scope._distinct_id
         if scope._session_id is not None:
             session_id = scope._session_id
+        if scope._window_id is not None:
+            window_id = scope._window_id
         if scope._tags:
             tags.update(scope._tags)
-    return distinct_id, session_id, tags
+    return distinct_id, session_id, tags, window_id
 
 
 # -- publish -------------------------------------------------------------------------------
@@ -174,11 +177,11 @@ def _on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) -
         installed = REGISTRY.for_publish(headers.get("task", sender))
         if installed is None or not installed.options.propagate:
             return
-        distinct_id, session_id, tags = _caller_context()
-        if distinct_id is None and session_id is None and not tags:
+        distinct_id, session_id, tags, window_id = _caller_context()
+        if distinct_id is None and session_id is None and window_id is None and not tags:
             return
         options = installed.options
-        header, dropped = encode(distinct_id, session_id, tags, installed.limits)
+        header, dropped = encode(distinct_id, session_id, tags, installed.limits, window_id)
         # Top level only, never headers["headers"]: see task_scopes._wire (celery#4875).
         headers[HEADER] = header
         if options.secret is not None:
@@ -236,6 +239,8 @@ def _apply(scope: Scope, context: WireContext | None) -> None:
         scope.set_distinct_id(context.distinct_id)
     if context.session_id is not None:
         scope.set_session_id(context.session_id)
+    if context.window_id is not None:
+        scope.set_window_id(context.window_id)
     if context.tags:
         scope._tags.update(context.tags)
 
