@@ -56,8 +56,15 @@ _FORM = "application/x-www-form-urlencoded"
 # -- CORS ---------------------------------------------------------------------------------
 
 
-def is_loopback_origin(origin: str | None) -> bool:
-    """True for an ``Origin`` header naming a page served from this machine over http(s)."""
+def is_loopback_origin(origin: str | None, *, absent: bool = False) -> bool:
+    """True for an ``Origin`` header naming a page served from this machine over http(s).
+
+    Args:
+        absent: what to answer when there is no ``Origin`` header (not a browser's
+            cross-origin request).
+    """
+    if origin is None:
+        return absent
     if not origin:
         return False
     try:

@@ -4,7 +4,9 @@
 (``/i/v1/analytics/events``) store events through :class:`~task_scopes.collector.CaptureServer`;
 ``/flags/`` and ``/decide/`` answer "no flags"; ``GET /array/<key>/config[.js]`` answers
 an empty remote config; ``OPTIONS`` answers CORS preflights from loopback pages; ``GET /``
-answers the status. Everything else is 404.
+answers the status. Everything else is 404. A ``POST`` from a page that is not on a loopback
+origin (its ``Origin`` header) is refused with 403; requests without ``Origin`` (SDKs,
+scripts) are not browser requests and are served.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ._browser_api import (
     answer_flags,
     answer_get,
     cors_headers,
+    is_loopback_origin,
     preflight_headers,
 )
 
@@ -94,7 +97,11 @@ def make_handler(owner: CaptureServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             body = self.rfile.read(length)
-            if path in FLAGS_PATHS:
+            if not is_loopback_origin(self.headers.get("Origin"), absent=True):
+                # A page elsewhere on the web, posting through the developer's browser.
+                owner._record(path, 403, [], received, encoding, len(body))
+                self._answer(403, {"error": "origin is not a loopback page"}, {})
+            elif path in FLAGS_PATHS:
                 owner._record(path, 200, [], received, encoding, len(body))
                 self._answer(200, answer_flags(path, parse_qs(query_string)), {})
             elif path in CAPTURE_PATHS or path in V1_PATHS:
