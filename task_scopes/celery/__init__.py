@@ -15,8 +15,8 @@ Install it where the Celery app is defined, so producers and workers both run it
 
 What it does, through Celery's signals only (no monkeypatching):
 
-* ``before_task_publish``: encodes the caller's distinct ID, session ID and tags into one
-  top-level message header, ``task_scopes`` (optionally signed: ``task_scopes_sig``).
+* ``before_task_publish``: encodes the caller's distinct ID, session ID, window ID and tags
+  into one top-level message header, ``task_scopes`` (optionally signed: ``task_scopes_sig``).
   Chain steps, chord bodies, callbacks and retries are published from inside the running
   task, so they carry its restored context.
 * ``task_prerun`` / ``task_postrun``: opens the task's isolation scope from that header
