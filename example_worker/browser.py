@@ -1,10 +1,11 @@
 """The shoppers' browsers: what posthog-js sends to the shop when tracing headers are on.
 
 With tracing headers enabled for the shop's host (posthog-js's ``tracing_headers`` option,
-``__add_tracing_headers`` in older releases), posthog-js adds the person's distinct ID and
-the session ID to each request as ``X-POSTHOG-DISTINCT-ID`` and ``X-POSTHOG-SESSION-ID``;
-the web app's middleware turns them into the request's context. Nothing else in the
-request says who the shopper is.
+``__add_tracing_headers`` in older releases), posthog-js adds the person's distinct ID, the
+session ID and the ID of the browser tab (its window ID) to each request as
+``X-POSTHOG-DISTINCT-ID``, ``X-POSTHOG-SESSION-ID`` and ``X-POSTHOG-WINDOW-ID``; the web
+app's middleware turns them into the request's context. Nothing else in the request says
+who the shopper is.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = ["Answer", "cart", "post_checkout", "tracing_headers"]
 
 DISTINCT_ID_HEADER = "X-POSTHOG-DISTINCT-ID"
 SESSION_ID_HEADER = "X-POSTHOG-SESSION-ID"
+WINDOW_ID_HEADER = "X-POSTHOG-WINDOW-ID"
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,13 @@ class Answer:
     problem: str | None
 
 
-def tracing_headers(distinct_id: str, session_id: str) -> dict[str, str]:
-    """The two headers posthog-js adds to a request to the shop."""
-    return {DISTINCT_ID_HEADER: distinct_id, SESSION_ID_HEADER: session_id}
+def tracing_headers(distinct_id: str, session_id: str, window_id: str) -> dict[str, str]:
+    """The three headers posthog-js adds to a request to the shop."""
+    return {
+        DISTINCT_ID_HEADER: distinct_id,
+        SESSION_ID_HEADER: session_id,
+        WINDOW_ID_HEADER: window_id,
+    }
 
 
 def cart(shopper: Shopper) -> dict[str, Any]:
@@ -53,13 +59,14 @@ def cart(shopper: Shopper) -> dict[str, Any]:
 
 
 def post_checkout(
-    base_url: str, shopper: Shopper, session_id: str, *, timeout: float = 30.0
+    base_url: str, shopper: Shopper, session_id: str, window_id: str, *, timeout: float = 30.0
 ) -> Answer:
     """Send the shopper's checkout as their browser would.
 
     Args:
         base_url: the web app, e.g. ``http://127.0.0.1:8000``.
         session_id: the browser's PostHog session (a UUIDv7 string).
+        window_id: the browser tab's PostHog window ID (a UUIDv7 string).
         timeout: seconds for connecting and for the answer.
 
     Returns:
@@ -69,7 +76,7 @@ def post_checkout(
         response = requests.post(
             f"{base_url}/checkout",
             json=cart(shopper),
-            headers=tracing_headers(shopper.distinct_id, session_id),
+            headers=tracing_headers(shopper.distinct_id, session_id, window_id),
             timeout=timeout,
         )
     except requests.RequestException as exc:

@@ -181,6 +181,7 @@ class Demo:
         self.run_id = uuid.uuid4().hex[:8]
         self.queue = f"shop-demo-{self.run_id}"
         self.sessions = {s.name: uuid7() for s in SHOPPERS}
+        self.windows = {s.name: uuid7() for s in SHOPPERS}  # one browser tab each
         # A hostname, though the transport ignores it: kombu warns when there is none.
         self.broker = args.broker or "filesystem://localhost/"
         self.backend = _backend_for(args.broker, folder)
@@ -409,11 +410,17 @@ def _checkout_all(
 
     _say(
         f"{len(SHOPPERS)} browsers POST /checkout at once, with posthog-js's tracing headers "
-        f"{browser.DISTINCT_ID_HEADER} / {browser.SESSION_ID_HEADER}:"
+        f"{browser.DISTINCT_ID_HEADER} / {browser.SESSION_ID_HEADER} / "
+        f"{browser.WINDOW_ID_HEADER}:"
     )
     with ThreadPoolExecutor(max_workers=len(SHOPPERS)) as pool:
         answers = list(
-            pool.map(lambda s: browser.post_checkout(base_url, s, demo.sessions[s.name]), SHOPPERS)
+            pool.map(
+                lambda s: browser.post_checkout(
+                    base_url, s, demo.sessions[s.name], demo.windows[s.name]
+                ),
+                SHOPPERS,
+            )
         )
     results: dict[str, dict[str, Any]] = {}
     rejected = []

@@ -189,11 +189,13 @@ class Client:
             self._log.log(logging.DEBUG, "task_scopes: client disabled; event not sent")
             return None
         with _CAPTURE_GUARD:
-            ctx_distinct_id, session_id, props = merged_context()
+            ctx_distinct_id, session_id, props, window_id = merged_context()
             if properties:
                 props.update(properties)
             if session_id is not None and "$session_id" not in props:
                 props["$session_id"] = session_id
+            if window_id is not None and "$window_id" not in props:
+                props["$window_id"] = window_id
             if distinct_id is None:
                 distinct_id = ctx_distinct_id
             if distinct_id is None:

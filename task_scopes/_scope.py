@@ -72,7 +72,7 @@ def _owner() -> object:
 
 
 class Scope:
-    """Distinct ID, session ID and tags of one scope.
+    """Distinct ID, session ID, window ID and tags of one scope.
 
     A scope is a plain mutable holder; which scope a call reads or writes is decided by the
     module-level functions. ``fork()`` copies it (tags are copied, values and the bound
@@ -86,7 +86,7 @@ class Scope:
         assert scope.tags["plan"] == "pro"
     """
 
-    __slots__ = ("_client", "_distinct_id", "_owner", "_session_id", "_tags")
+    __slots__ = ("_client", "_distinct_id", "_owner", "_session_id", "_tags", "_window_id")
 
     def __init__(
         self,
@@ -94,9 +94,11 @@ class Scope:
         distinct_id: str | None = None,
         session_id: str | None = None,
         tags: Mapping[str, Any] | None = None,
+        window_id: str | None = None,
     ) -> None:
         self._distinct_id = distinct_id
         self._session_id = session_id
+        self._window_id = window_id
         self._tags: dict[str, Any] = dict(tags) if tags else {}
         self._owner: object = None
         self._client: Client | None = None
@@ -104,7 +106,7 @@ class Scope:
     def __repr__(self) -> str:
         return (
             f"Scope(distinct_id={self._distinct_id!r}, session_id={self._session_id!r}, "
-            f"tags={self._tags!r})"
+            f"window_id={self._window_id!r}, tags={self._tags!r})"
         )
 
     def fork(self) -> Scope:
@@ -112,6 +114,7 @@ class Scope:
         child = Scope.__new__(Scope)
         child._distinct_id = self._distinct_id
         child._session_id = self._session_id
+        child._window_id = self._window_id
         child._tags = self._tags.copy()
         child._owner = None
         child._client = self._client
@@ -126,6 +129,11 @@ class Scope:
     def session_id(self) -> str | None:
         """Session ID set on this scope itself (not inherited), or None."""
         return self._session_id
+
+    @property
+    def window_id(self) -> str | None:
+        """posthog-js window (browser tab) ID set on this scope itself, or None."""
+        return self._window_id
 
     @property
     def tags(self) -> Mapping[str, Any]:
@@ -151,6 +159,10 @@ class Scope:
         """Set (or with None, unset) the session ID of this scope."""
         self._session_id = session_id
 
+    def set_window_id(self, window_id: str | None) -> None:
+        """Set (or with None, unset) the window ID (``$window_id``) of this scope."""
+        self._window_id = window_id
+
     def set_tag(self, key: str, value: Any) -> None:
         """Set one tag; ``key`` is a property name, ``value`` anything JSON can carry."""
         self._tags[key] = value
@@ -164,9 +176,10 @@ class Scope:
         self._tags.pop(key, None)
 
     def clear(self) -> None:
-        """Forget distinct ID, session ID and tags."""
+        """Forget distinct ID, session ID, window ID and tags."""
         self._distinct_id = None
         self._session_id = None
+        self._window_id = None
         self._tags = {}
         self._client = None
 
@@ -307,10 +320,17 @@ def use_isolation_scope(scope: Scope) -> Iterator[Scope]:
         exit_scope(tokens)
 
 
-def merged_context(
-    include_global: bool = True,
-) -> tuple[str | None, str | None, dict[str, Any]]:
-    """``(distinct_id, session_id, tags)`` as seen from here: current -> isolation -> global.
+class MergedContext(NamedTuple):
+    """What :func:`merged_context` returns: ``tags`` is a new dict the caller may keep."""
+
+    distinct_id: str | None
+    session_id: str | None
+    tags: dict[str, Any]
+    window_id: str | None
+
+
+def merged_context(include_global: bool = True) -> MergedContext:
+    """The context as seen from here: current -> isolation -> global.
 
     Tags are a new dict the caller may keep or change. ``include_global=False`` leaves the
     global scope out: what a task published from here carries (the global scope describes
@@ -319,7 +339,7 @@ def merged_context(
     isolation = _isolation_var.get()
     current = _current_var.get()
     tags = _global_scope._tags.copy() if include_global else {}
-    distinct_id = session_id = None
+    distinct_id = session_id = window_id = None
     for scope in (current, isolation):
         if scope is None:
             continue
@@ -327,6 +347,8 @@ def merged_context(
             distinct_id = scope._distinct_id
         if session_id is None:
             session_id = scope._session_id
+        if window_id is None:
+            window_id = scope._window_id
     if isolation is not None and isolation._tags:
         tags.update(isolation._tags)
     if current is not None and current._tags:
@@ -336,7 +358,9 @@ def merged_context(
             distinct_id = _global_scope._distinct_id
         if session_id is None:
             session_id = _global_scope._session_id
-    return distinct_id, session_id, tags
+        if window_id is None:
+            window_id = _global_scope._window_id
+    return MergedContext(distinct_id, session_id, tags, window_id)
 
 
 # Set by task_scopes.testing.capture_events(): wins over every binding, in every thread.

@@ -1,9 +1,11 @@
 """What the WSGI, ASGI and Django middleware share: header parsing and the request scope.
 
-A browser running posthog-js with tracing headers sends ``X-POSTHOG-DISTINCT-ID`` and
-``X-POSTHOG-SESSION-ID``. Each request runs in a *fresh* isolation scope identified from
-them and tagged with ``$current_url`` and ``$request_method``; an exception escaping the
-application can be captured (once) and is re-raised unchanged.
+A browser running posthog-js with tracing headers sends ``X-POSTHOG-DISTINCT-ID``,
+``X-POSTHOG-SESSION-ID`` and ``X-POSTHOG-WINDOW-ID`` (its ``tracing_headers`` option). Each
+request runs in a *fresh* isolation scope identified from them (the window ID becomes
+``$window_id``, which links events to a session replay window) and tagged with
+``$current_url`` and ``$request_method``; an exception escaping the application can be
+captured (once) and is re-raised unchanged. The IDs reach the tasks the request publishes.
 
 Header values are untrusted input: control characters are stripped, surrounding blanks
 trimmed, and the result capped at :data:`MAX_ID_CHARS` characters; an empty result counts
@@ -26,6 +28,7 @@ from ._scope import Scope, Tokens, enter_scope, exit_scope
 __all__ = [
     "DEFAULT_DISTINCT_ID_HEADER",
     "DEFAULT_SESSION_ID_HEADER",
+    "DEFAULT_WINDOW_ID_HEADER",
     "MAX_ID_CHARS",
     "MAX_URL_CHARS",
     "RequestScope",
@@ -37,6 +40,7 @@ __all__ = [
 
 DEFAULT_DISTINCT_ID_HEADER = "X-POSTHOG-DISTINCT-ID"
 DEFAULT_SESSION_ID_HEADER = "X-POSTHOG-SESSION-ID"
+DEFAULT_WINDOW_ID_HEADER = "X-POSTHOG-WINDOW-ID"
 MAX_ID_CHARS = 200
 # PostHog does not cap $current_url; a bound keeps one hostile request from making every
 # event of that request (and the task headers it publishes) huge.
@@ -93,6 +97,7 @@ class WebOptions:
     Attributes:
         distinct_id_header: name of the header carrying the distinct ID (any case).
         session_id_header: name of the header carrying the session ID (any case).
+        window_id_header: name of the header carrying posthog-js's window ID (any case).
         capture_exceptions: capture an exception escaping the application as
             ``$exception`` (once), then re-raise it unchanged.
         extra_tags: called with the framework's request object (WSGI environ, ASGI scope,
@@ -102,6 +107,7 @@ class WebOptions:
 
     distinct_id_header: str = DEFAULT_DISTINCT_ID_HEADER
     session_id_header: str = DEFAULT_SESSION_ID_HEADER
+    window_id_header: str = DEFAULT_WINDOW_ID_HEADER
     capture_exceptions: bool = True
     extra_tags: Callable[[Any], Mapping[str, Any] | None] | None = None
 
@@ -111,6 +117,7 @@ class WebOptions:
         *,
         distinct_id_header: object = DEFAULT_DISTINCT_ID_HEADER,
         session_id_header: object = DEFAULT_SESSION_ID_HEADER,
+        window_id_header: object = DEFAULT_WINDOW_ID_HEADER,
         capture_exceptions: object = True,
         extra_tags: object = None,
         names: Mapping[str, str] | None = None,
@@ -138,6 +145,7 @@ class WebOptions:
         return cls(
             distinct_id_header=_check_header_name(distinct_id_header, key("distinct_id_header")),
             session_id_header=_check_header_name(session_id_header, key("session_id_header")),
+            window_id_header=_check_header_name(window_id_header, key("window_id_header")),
             capture_exceptions=capture_exceptions,
             extra_tags=extra_tags,
         )
@@ -163,6 +171,7 @@ class WebOptions:
         scope = Scope(
             distinct_id=clean_header_value(get_header(self.distinct_id_header)),
             session_id=clean_header_value(get_header(self.session_id_header)),
+            window_id=clean_header_value(get_header(self.window_id_header)),
         )
         if url:
             scope.set_tag("$current_url", strip_control(url)[:MAX_URL_CHARS])
@@ -195,6 +204,7 @@ class MiddlewareBase(Generic[App, Request]):
         app: the application to wrap.
         distinct_id_header: header carrying the distinct ID (any case).
         session_id_header: header carrying the session ID (any case).
+        window_id_header: header carrying posthog-js's window ID (any case).
         capture_exceptions: capture an exception escaping the app once, then re-raise it.
         extra_tags: ``(request) -> mapping | None``, more tags for the request.
 
@@ -208,6 +218,7 @@ class MiddlewareBase(Generic[App, Request]):
         *,
         distinct_id_header: str = DEFAULT_DISTINCT_ID_HEADER,
         session_id_header: str = DEFAULT_SESSION_ID_HEADER,
+        window_id_header: str = DEFAULT_WINDOW_ID_HEADER,
         capture_exceptions: bool = True,
         extra_tags: Callable[[Request], Mapping[str, Any] | None] | None = None,
     ) -> None:
@@ -215,6 +226,7 @@ class MiddlewareBase(Generic[App, Request]):
         self.options = WebOptions.build(
             distinct_id_header=distinct_id_header,
             session_id_header=session_id_header,
+            window_id_header=window_id_header,
             capture_exceptions=capture_exceptions,
             extra_tags=extra_tags,
         )

@@ -60,8 +60,9 @@ def _request_url(scope: ASGIScope, headers: Mapping[bytes, bytes]) -> str:
 class ContextMiddleware(MiddlewareBase[ASGIApp, ASGIScope]):
     """Wrap an ASGI 3 application so each HTTP request runs in its own fresh isolation scope.
 
-    The scope is identified from the distinct ID and session ID headers (control
-    characters stripped, capped at 200 characters; absent headers give personless events),
+    The scope is identified from the distinct ID, session ID and window ID headers
+    (control characters stripped, capped at 200 characters; absent headers give personless
+    events, a window ID becomes ``$window_id``),
     tagged with ``$current_url`` and ``$request_method``, and stays active for the whole
     request, streamed response body included. Tasks and threads the application starts
     from the request (``asyncio.create_task``, ``run_in_threadpool``) copy it.
@@ -70,6 +71,8 @@ class ContextMiddleware(MiddlewareBase[ASGIApp, ASGIScope]):
         app: the ASGI application to wrap.
         distinct_id_header: header carrying the distinct ID; default ``X-POSTHOG-DISTINCT-ID``.
         session_id_header: header carrying the session ID; default ``X-POSTHOG-SESSION-ID``.
+        window_id_header: header carrying posthog-js's window ID; default
+            ``X-POSTHOG-WINDOW-ID``.
         capture_exceptions: capture an exception escaping ``app`` as ``$exception`` once,
             then re-raise it unchanged.
         extra_tags: ``(asgi_scope) -> Mapping | None`` returning more tags for the request.

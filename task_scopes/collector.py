@@ -6,6 +6,11 @@ and ``POST /i/v0/e/`` (gzip or plain JSON) as PostHog does, and PostHog's captur
 de-duplicates by event UUID and writes one JSON event per line. It binds to 127.0.0.1
 only. It is not a replacement for PostHog in production.
 
+It can also be posthog-js's ``api_host`` during local development, from a page on another
+loopback port: CORS for loopback origins, posthog-js's body encodings on ``/e/`` and
+``/i/v0/e/``, and answers to its remote config and flags requests for a project with
+nothing configured (see :mod:`task_scopes._browser_api`). ``GET /`` answers the status.
+
 In Python, :class:`CaptureServer` is the same server as a context manager, with the
 events kept in memory and a script of failures (statuses, ``Retry-After``, delays) to
 answer with, so transports are tested against a real socket.
@@ -14,26 +19,22 @@ answer with, so transports are tested against a real socket.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import socket
 import sys
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
-__all__ = ["CaptureServer", "Reply", "RequestRecord", "main"]
+from ._browser_api import decode_body, decompress
+from ._collector_http import make_handler
 
-_PATHS = ("/batch", "/batch/", "/i/v0/e", "/i/v0/e/", "/capture", "/capture/", "/e", "/e/")
-# PostHog's capture v1 (posthog>=7, capture_mode="v1"): bearer key, per-event results.
-_V1_PATHS = ("/i/v1/analytics/events", "/i/v1/analytics/events/")
-_MAX_BODY = 20 * 1024 * 1024
+__all__ = ["CaptureServer", "Reply", "RequestRecord", "main"]
 
 
 @dataclass(frozen=True)
@@ -89,18 +90,43 @@ def _validate_event(event: Any) -> str | None:
     return None
 
 
-def parse_payload(body: bytes, content_encoding: str | None) -> list[dict[str, Any]]:
+def parse_payload(
+    body: bytes,
+    content_encoding: str | None,
+    *,
+    content_type: str | None = None,
+    compression: str | None = None,
+) -> list[dict[str, Any]]:
     """Decode a capture request body into its events.
 
+    Args:
+        content_type, compression: the ``Content-Type`` header and the ``compression``
+            query parameter, for posthog-js's encodings (a base64 ``data=`` form).
+
     Raises:
-        ValueError: not gzip/JSON, no ``api_key``, or an event of the wrong shape.
+        ValueError: not gzip/base64/JSON, no ``api_key``, or an event of the wrong shape.
     """
-    return _batch_payload(body, content_encoding)[1]
+    return batch_payload(
+        body, content_encoding, content_type=content_type, compression=compression
+    )[1]
 
 
-def _batch_payload(body: bytes, content_encoding: str | None) -> tuple[str, list[dict[str, Any]]]:
+def batch_payload(
+    body: bytes,
+    content_encoding: str | None,
+    *,
+    content_type: str | None = None,
+    compression: str | None = None,
+) -> tuple[str, list[dict[str, Any]]]:
     """``(api_key, events)`` of a ``/batch/``-shaped request; raises as :func:`parse_payload`."""
-    payload = json.loads(_decompress(body, content_encoding))
+    payload = json.loads(
+        decode_body(
+            body,
+            content_encoding=content_encoding,
+            content_type=content_type,
+            compression=compression,
+        )
+    )
     if not isinstance(payload, dict):
         raise ValueError("payload is not an object")
     api_key = payload.get("api_key") or payload.get("token")
@@ -116,16 +142,6 @@ def _batch_payload(body: bytes, content_encoding: str | None) -> tuple[str, list
     return api_key, events
 
 
-def _decompress(body: bytes, content_encoding: str | None) -> bytes:
-    if content_encoding == "gzip" or body[:2] == b"\x1f\x8b":
-        return gzip.decompress(body)
-    if content_encoding == "deflate":
-        return zlib.decompress(body)
-    if content_encoding not in (None, "", "identity"):
-        raise ValueError(f"unsupported Content-Encoding {content_encoding!r}")
-    return body
-
-
 def parse_v1_payload(
     body: bytes, content_encoding: str | None, authorization: str | None
 ) -> list[dict[str, Any]]:
@@ -138,7 +154,7 @@ def parse_v1_payload(
     """
     if not authorization or not authorization.startswith("Bearer ") or not authorization[7:]:
         raise ValueError("Authorization: Bearer <api key> missing")
-    payload = json.loads(_decompress(body, content_encoding))
+    payload = json.loads(decompress(body, content_encoding))
     if not isinstance(payload, dict) or not isinstance(payload.get("batch"), list):
         raise ValueError("batch missing")
     events = []
@@ -170,7 +186,8 @@ class CaptureServer:
     Attributes:
         events: unique events received, in arrival order (dicts as sent).
         duplicates: events received again under a UUID already seen.
-        requests: ``(path, status, events_in_request)`` of every request answered.
+        requests: ``(path, status, events_in_request)`` of every request answered (CORS
+            preflights, remote config and flags requests included; ``GET /`` not).
         request_log: the same requests as :class:`RequestRecord`\\ s, with arrival time,
             content encoding and body size (e.g. to check a ``Retry-After`` was waited).
 
@@ -222,7 +239,7 @@ class CaptureServer:
             return self
         if self._out_path is not None and self._out is None:
             self._out = open(self._out_path, "a", encoding="utf-8")  # noqa: SIM115
-        server = ThreadingHTTPServer(("127.0.0.1", self._port), _make_handler(self))
+        server = ThreadingHTTPServer(("127.0.0.1", self._port), make_handler(self))
         server.daemon_threads = True
         self._port = server.server_address[1]
         self._server = server
@@ -269,7 +286,7 @@ class CaptureServer:
     # -- scripting and assertions ----------------------------------------------------
 
     def script(self, *replies: int | Reply | tuple[int, Mapping[str, str]]) -> None:
-        """Answer the next requests with these, in order, then 200 again.
+        """Answer the next capture requests with these, in order, then 200 again.
 
         Items: a status (``500``), ``(429, {"Retry-After": "1"})``, or a :class:`Reply`
         (``Reply(200, delay=5.0)`` stalls five seconds, then accepts).
@@ -352,90 +369,6 @@ class CaptureServer:
         if self._on_event is not None:
             for event in new:
                 self._on_event(event)
-
-
-def _make_handler(owner: CaptureServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "task_scopes-collector"
-        # headers and body go out in two writes; with Nagle on, the second waits for the
-        # client's delayed ACK (~40 ms a request on Linux keep-alive connections)
-        disable_nagle_algorithm = True
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass
-
-        def setup(self) -> None:
-            super().setup()
-            with owner._cv:
-                owner._connections.add(self.connection)
-
-        def finish(self) -> None:
-            try:
-                super().finish()
-            finally:
-                with owner._cv:
-                    owner._connections.discard(self.connection)
-
-        def _answer(self, status: int, body: dict[str, Any], headers: Mapping[str, str]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in headers.items():
-                self.send_header(key, value)
-            try:
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                # the client gave up waiting (its timeout) or the server is stopping
-                self.close_connection = True
-
-        def do_POST(self) -> None:
-            received = time.monotonic()
-            path = self.path.split("?", 1)[0]
-            length = int(self.headers.get("Content-Length") or 0)
-            encoding = self.headers.get("Content-Encoding")
-            if length > _MAX_BODY:
-                owner._record(path, 413, [], received, encoding, length)
-                self._answer(413, {"error": "payload too large"}, {})
-                self.close_connection = True
-                return
-            body = self.rfile.read(length)
-            v1 = path in _V1_PATHS
-            if path not in _PATHS and not v1:
-                owner._record(path, 404, [], received, encoding, len(body))
-                self._answer(404, {"error": "not found"}, {})
-                return
-            reply = owner._next_reply()
-            if reply.delay:
-                time.sleep(reply.delay)
-            if reply.status != 200:
-                owner._record(path, reply.status, [], received, encoding, len(body))
-                self._answer(reply.status, {"error": "scripted"}, reply.headers)
-                return
-            try:
-                if v1:
-                    authorization = self.headers.get("Authorization")
-                    events = parse_v1_payload(body, encoding, authorization)
-                    api_key = (authorization or "")[7:]
-                else:
-                    api_key, events = _batch_payload(body, encoding)
-            except (ValueError, OSError, EOFError, zlib.error) as exc:
-                owner._record(path, 400, [], received, encoding, len(body))
-                self._answer(400, {"error": f"invalid payload: {exc}"}, {})
-                return
-            owner._record(path, 200, events, received, encoding, len(body), api_key)
-            if v1:
-                results = {e.get("uuid"): {"result": "ok"} for e in events if e.get("uuid")}
-                self._answer(200, {"results": results}, reply.headers)
-            else:
-                self._answer(200, {"status": "Ok"}, reply.headers)
-
-        def do_GET(self) -> None:
-            self._answer(200, {"status": "ok", "events": len(owner.events)}, {})
-
-    return Handler
 
 
 def main(argv: list[str] | None = None) -> int:

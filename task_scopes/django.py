@@ -13,6 +13,7 @@ Settings (all optional):
 ==================================  ========================================================
 ``TASK_SCOPES_DISTINCT_ID_HEADER``  header carrying the distinct ID [``X-POSTHOG-DISTINCT-ID``]
 ``TASK_SCOPES_SESSION_ID_HEADER``   header carrying the session ID [``X-POSTHOG-SESSION-ID``]
+``TASK_SCOPES_WINDOW_ID_HEADER``    header carrying the window ID [``X-POSTHOG-WINDOW-ID``]
 ``TASK_SCOPES_CAPTURE_EXCEPTIONS``  capture a view's unhandled exception [True]
 ``TASK_SCOPES_EXTRA_TAGS``          ``(request) -> dict`` or its dotted path: more tags [None]
 ==================================  ========================================================
@@ -44,6 +45,7 @@ from ._scope import active_isolation_scope
 from ._web import (
     DEFAULT_DISTINCT_ID_HEADER,
     DEFAULT_SESSION_ID_HEADER,
+    DEFAULT_WINDOW_ID_HEADER,
     RequestScope,
     WebOptions,
     scoped_aiter,
@@ -55,6 +57,7 @@ __all__ = ["ContextMiddleware"]
 _SETTINGS = {
     "distinct_id_header": "TASK_SCOPES_DISTINCT_ID_HEADER",
     "session_id_header": "TASK_SCOPES_SESSION_ID_HEADER",
+    "window_id_header": "TASK_SCOPES_WINDOW_ID_HEADER",
     "capture_exceptions": "TASK_SCOPES_CAPTURE_EXCEPTIONS",
     "extra_tags": "TASK_SCOPES_EXTRA_TAGS",
 }
@@ -83,6 +86,9 @@ def _options_from_settings() -> WebOptions:
             session_id_header=getattr(
                 settings, _SETTINGS["session_id_header"], DEFAULT_SESSION_ID_HEADER
             ),
+            window_id_header=getattr(
+                settings, _SETTINGS["window_id_header"], DEFAULT_WINDOW_ID_HEADER
+            ),
             capture_exceptions=getattr(settings, _SETTINGS["capture_exceptions"], True),
             extra_tags=extra_tags,
             names=_SETTINGS,
@@ -94,8 +100,9 @@ def _options_from_settings() -> WebOptions:
 class ContextMiddleware:
     """Run each Django request in its own fresh isolation scope.
 
-    The scope is identified from the distinct ID and session ID headers (control
-    characters stripped, capped at 200 characters; absent headers give personless events),
+    The scope is identified from the distinct ID, session ID and window ID headers
+    (control characters stripped, capped at 200 characters; absent headers give personless
+    events, a window ID becomes ``$window_id``),
     tagged with ``$current_url`` and ``$request_method``, and stays active while a
     ``StreamingHttpResponse`` body is produced. A view's unhandled exception reaches
     :meth:`process_exception`, which captures it once as ``$exception`` in the request's

@@ -39,8 +39,9 @@ def _environ_key(header: str) -> str:
 class ContextMiddleware(MiddlewareBase["WSGIApplication", "WSGIEnvironment"]):
     """Wrap a WSGI application so each request runs in its own fresh isolation scope.
 
-    The scope is identified from the distinct ID and session ID headers (control
-    characters stripped, capped at 200 characters; absent headers give personless events)
+    The scope is identified from the distinct ID, session ID and window ID headers
+    (control characters stripped, capped at 200 characters; absent headers give personless
+    events, a window ID becomes ``$window_id``)
     and tagged with ``$current_url`` and ``$request_method``. It stays active while the
     server iterates a streamed response body, and is never visible to the caller or to
     the next request on the same thread.
@@ -49,6 +50,8 @@ class ContextMiddleware(MiddlewareBase["WSGIApplication", "WSGIEnvironment"]):
         app: the WSGI application to wrap.
         distinct_id_header: header carrying the distinct ID; default ``X-POSTHOG-DISTINCT-ID``.
         session_id_header: header carrying the session ID; default ``X-POSTHOG-SESSION-ID``.
+        window_id_header: header carrying posthog-js's window ID; default
+            ``X-POSTHOG-WINDOW-ID``.
         capture_exceptions: capture an exception escaping ``app`` (or its response body)
             as ``$exception`` once, then re-raise it unchanged.
         extra_tags: ``(environ) -> Mapping | None`` returning more tags for the request.

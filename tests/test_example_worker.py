@@ -82,6 +82,9 @@ def assert_every_expected_event_attributed(events: list[dict[str, Any]]) -> None
         sessions[shopper.name] = {e["properties"]["$session_id"] for e in mine}
         assert len(sessions[shopper.name]) == 1
         assert uuid.UUID(next(iter(sessions[shopper.name]))).version == 7
+        windows = {e["properties"]["$window_id"] for e in mine}
+        assert len(windows) == 1
+        assert uuid.UUID(next(iter(windows))).version == 7
     assert len(set.union(*sessions.values())) == len(SHOPPERS)
     assert len({e["properties"]["demo_run"] for e in events}) == 1
 
@@ -357,9 +360,13 @@ def published(app: Any) -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
-def visitor(shopper: Shopper) -> tuple[str, str]:
-    """A distinct ID and session that appear nowhere but in the request headers."""
-    return f"visitor-{shopper.name}-{uuid.uuid4().hex[:6]}", f"session-{shopper.name}"
+def visitor(shopper: Shopper) -> tuple[str, str, str]:
+    """A distinct ID, session and window that appear nowhere but in the request headers."""
+    return (
+        f"visitor-{shopper.name}-{uuid.uuid4().hex[:6]}",
+        f"session-{shopper.name}",
+        f"window-{shopper.name}",
+    )
 
 
 def test_web_app_attributes_concurrent_checkouts_to_their_posthog_headers(
@@ -371,11 +378,10 @@ def test_web_app_attributes_concurrent_checkouts_to_their_posthog_headers(
     with capture_events() as captured, shop_web.serve("run-42") as server:
 
         def post(shopper: Shopper) -> requests.Response:
-            distinct_id, session_id = who[shopper.order_id]
             return requests.post(
                 f"{server.url}/checkout",
                 json=browser.cart(shopper),
-                headers=browser.tracing_headers(distinct_id, session_id),
+                headers=browser.tracing_headers(*who[shopper.order_id]),
                 timeout=30,
             )
 
@@ -390,7 +396,8 @@ def test_web_app_attributes_concurrent_checkouts_to_their_posthog_headers(
     for event in events:
         props = event["properties"]
         shopper = shopper_of(event)
-        assert (event["distinct_id"], props["$session_id"]) == who[shopper.order_id]
+        ids = (event["distinct_id"], props["$session_id"], props["$window_id"])
+        assert ids == who[shopper.order_id]
         assert props["$current_url"] == f"{server.url}/checkout"
         assert props["$request_method"] == "POST"
         assert (props["plan"], props["demo_run"]) == (shopper.plan, "run-42")
@@ -405,7 +412,7 @@ def test_web_app_attributes_concurrent_checkouts_to_their_posthog_headers(
     }
     for task, order_id, context in messages:
         shopper = next(s for s in SHOPPERS if s.order_id == order_id)
-        assert (context["d"], context["s"]) == who[order_id], task
+        assert (context["d"], context["s"], context["w"]) == who[order_id], task
         assert context["t"] == {"plan": shopper.plan, "demo_run": "run-42"}, task
 
 
@@ -433,7 +440,7 @@ def test_web_app_refuses_a_malformed_checkout_and_enqueues_nothing(
 
     cart = browser.cart(SHOPPERS[0])
     cart["items"] = [["mug", "two"]]
-    headers = browser.tracing_headers("user_alice", "session-alice")
+    headers = browser.tracing_headers("user_alice", "session-alice", "window-alice")
     with capture_events() as captured, shop_web.serve() as server:
         bad = requests.post(f"{server.url}/checkout", json=cart, headers=headers, timeout=30)
         wrong_method = requests.get(f"{server.url}/checkout", headers=headers, timeout=30)

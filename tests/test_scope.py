@@ -126,6 +126,33 @@ def test_distinct_id_is_read_from_current_then_isolation_then_global(
         assert get_context_distinct_id() == "from-isolation"
 
 
+def test_window_id_is_read_like_the_session_id_and_sent_as_dollar_window_id(
+    global_tags: Scope, captured: CapturedEvents
+) -> None:
+    global_tags.set_window_id("win-global")
+    with new_context():
+        capture("global")
+        get_isolation_scope().set_window_id("win-isolation")
+        with new_scope() as current:
+            current.set_window_id("win-current")
+            capture("current")
+            capture("explicit", properties={"$window_id": "win-explicit"})
+        capture("isolation")
+        forked = get_isolation_scope().fork()
+        get_isolation_scope().clear()
+        capture("cleared")
+    assert forked.window_id == "win-isolation"
+    assert "win-isolation" in repr(forked)
+    windows = {e["event"]: e["properties"]["$window_id"] for e in captured.events}
+    assert windows == {
+        "global": "win-global",
+        "current": "win-current",
+        "explicit": "win-explicit",
+        "isolation": "win-isolation",
+        "cleared": "win-global",
+    }
+
+
 def test_explicit_capture_properties_beat_tags_of_every_scope(
     global_tags: Scope, captured: CapturedEvents
 ) -> None:

@@ -4,8 +4,11 @@ Wire format (version 1)
 -----------------------
 One message header at the top level of the task message:
 
-* ``task_scopes``: compact JSON ``{"v": 1, "d": distinct_id, "s": session_id, "t": {tags}}``;
-  keys that have no value are left out; a context with nothing in it writes no header.
+* ``task_scopes``: compact JSON
+  ``{"v": 1, "d": distinct_id, "s": session_id, "w": window_id, "t": {tags}}``; keys that
+  have no value are left out; a context with nothing in it writes no header. ``w`` is
+  posthog-js's window ID (``$window_id``), added after the first release: a header without
+  it decodes as before.
 * ``task_scopes_sig``: hex HMAC-SHA256 of the exact ``task_scopes`` string under the
   ``task_scopes_secret`` setting, written only when a secret is set.
 
@@ -43,7 +46,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
 
@@ -104,6 +107,7 @@ class WireContext:
     distinct_id: str | None = None
     session_id: str | None = None
     tags: Mapping[str, Any] | None = None
+    window_id: str | None = None
 
 
 def _propagated(key: str) -> bool:
@@ -194,6 +198,7 @@ def encode(
     session_id: str | None,
     tags: Mapping[str, Any],
     limits: Limits = DEFAULT_LIMITS,
+    window_id: str | None = None,
 ) -> tuple[str, list[str]]:
     """Encode a context as the ``task_scopes`` header value.
 
@@ -209,6 +214,9 @@ def encode(
         payload["d"] = did
     if sid is not None:
         payload["s"] = sid
+    wid = _clean_id(window_id, limits)
+    if wid is not None:
+        payload["w"] = wid
     if clean:
         payload["t"] = clean
     header = _dumps_dropping(payload, dropped)
@@ -239,7 +247,7 @@ def encode(
         header = _dumps(payload)
     # IDs alone over the cap: leave them out rather than cut them. A cut distinct ID would
     # attribute the task's events to somebody else; none makes them personless.
-    for field_name, label in (("s", "$session_id"), ("d", "$distinct_id")):
+    for field_name, label in (("w", "$window_id"), ("s", "$session_id"), ("d", "$distinct_id")):
         if len(header.encode()) <= limits.max_bytes:
             break
         if payload.pop(field_name, None) is not None:
@@ -296,7 +304,15 @@ def decode(
     tags = payload.get("t", {})
     if not isinstance(tags, dict):
         raise WireError("tags are not an object")
-    return _received(payload.get("d"), payload.get("s"), tags, limits, "distinct ID", "session ID")
+    context = _received(
+        payload.get("d"), payload.get("s"), tags, limits, "distinct ID", "session ID"
+    )
+    window_id = payload.get("w")
+    if window_id is None:
+        return context
+    if not isinstance(window_id, str):
+        raise WireError("window ID is not a string")
+    return replace(context, window_id=_clean_id(window_id, limits))
 
 
 def _received(

@@ -209,10 +209,12 @@ def _inject(installed: Installed, headers: dict[str, Any], *, posthog: bool) -> 
     options = installed.options
     if not options.propagate:
         return
-    distinct_id, session_id, tags = merged_context(include_global=False)
-    if distinct_id is None and session_id is None and not tags:
+    context = merged_context(include_global=False)
+    if not (context.distinct_id or context.session_id or context.window_id or context.tags):
         return
-    header, dropped = encode(distinct_id, session_id, tags, installed.limits)
+    header, dropped = encode(
+        context.distinct_id, context.session_id, context.tags, installed.limits, context.window_id
+    )
     # Top level only, never headers["headers"]: see task_scopes.celery._header (celery#4875).
     headers[HEADER] = header
     if options.secret is not None:
@@ -270,6 +272,8 @@ def _apply(scope: Scope, context: WireContext | None) -> None:
         scope.set_distinct_id(context.distinct_id)
     if context.session_id is not None:
         scope.set_session_id(context.session_id)
+    if context.window_id is not None:
+        scope.set_window_id(context.window_id)
     if context.tags:
         scope.update_tags(context.tags)
 

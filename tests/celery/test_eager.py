@@ -235,6 +235,18 @@ def test_eager_apply_with_a_context_header_uses_that_context(tasks: Tasks) -> No
     assert got["tags"]["origin"] == "api"
 
 
+def test_the_window_id_of_a_context_header_reaches_the_tasks_events(
+    tasks: Tasks, captured_events: CapturedEvents
+) -> None:
+    from task_scopes.celery._header import encode
+
+    header, _ = encode("from-header", "sess-h", {}, window_id="win-h")
+    with task_scopes.new_context(fresh=True):
+        tasks.report.apply(headers={"task_scopes": header}).get()
+    [event] = captured_events.named("report ran")
+    assert event["properties"]["$window_id"] == "win-h"
+
+
 @pytest.mark.usefixtures("caller")
 def test_many_eager_tasks_leave_the_caller_exactly_as_it_was(tasks: Tasks) -> None:
     before = seen()

@@ -92,6 +92,20 @@ def test_current_scope_overrides_travel(app: Celery) -> None:
     assert context.tags == {"step": "inner"}
 
 
+def test_window_id_travels_even_alone_and_the_current_scope_overrides_it(app: Celery) -> None:
+    task_scopes.celery.install(app, posthog_headers=True)
+    with task_scopes.new_context(fresh=True):
+        task_scopes.get_isolation_scope().set_window_id("win-1")
+        alone = publish(app)
+        with task_scopes.new_scope() as scope:
+            scope.set_window_id("win-2")
+            overridden = publish(app)
+    assert json.loads(alone["task_scopes"]) == {"v": 1, "w": "win-1"}
+    assert decode(overridden["task_scopes"]).window_id == "win-2"
+    # PostHog's Celery integration has no window header: none is written for it.
+    assert not [key for key in alone if key.upper().startswith("X-POSTHOG")]
+
+
 def test_global_tags_describe_the_producer_and_do_not_travel(app: Celery) -> None:
     task_scopes.celery.install(app)
     scope = task_scopes.get_global_scope()

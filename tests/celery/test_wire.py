@@ -60,6 +60,34 @@ def test_header_is_compact_json_with_version_and_absent_keys_omitted() -> None:
     assert HEADER == "task_scopes"
 
 
+def test_window_id_travels_as_w_and_is_omitted_when_absent() -> None:
+    header, dropped = encode("user-1", "sess-1", {}, window_id="win-1")
+    assert dropped == []
+    assert header == '{"d":"user-1","s":"sess-1","v":1,"w":"win-1"}'
+    assert decode(header) == WireContext("user-1", "sess-1", {}, "win-1")
+    assert "w" not in _payload(encode("user-1", "sess-1", {})[0])
+
+
+def test_a_header_without_a_window_id_decodes_as_before() -> None:
+    # What producers of earlier releases (and hand-written headers) send.
+    context = decode('{"v":1,"d":"user-1","s":"sess-1","t":{"plan":"pro"}}')
+    assert context == WireContext("user-1", "sess-1", {"plan": "pro"})
+    assert context.window_id is None
+
+
+def test_window_id_is_cleaned_and_capped_like_the_other_ids() -> None:
+    assert decode(encode(None, None, {}, window_id="wi\x00n\x1b-1")[0]).window_id == "win-1"
+    assert decode(encode(None, None, {}, window_id="w" * 5000)[0]).window_id == "w" * 1000
+    assert decode('{"v":1,"w":"\\u0000"}').window_id is None
+
+
+def test_over_a_small_cap_the_window_id_is_left_out_before_the_session_id() -> None:
+    header, dropped = encode("u" * 100, "s" * 100, {}, Limits(max_bytes=240), "w" * 100)
+    assert len(header.encode()) <= 240
+    assert dropped == ["$window_id"]
+    assert decode(header) == WireContext("u" * 100, "s" * 100, {})
+
+
 def test_same_context_encodes_to_the_same_bytes_whatever_the_insertion_order() -> None:
     first = {"b": 2, "a": {"y": 1, "x": 2}, "c": {3, 1, 2}}
     second = {"c": {2, 3, 1}, "a": {"x": 2, "y": 1}, "b": 2}
@@ -395,6 +423,7 @@ GARBAGE = {
     "distinct-id-int": '{"v": 1, "d": 5}',
     "distinct-id-list": '{"v": 1, "d": ["u"]}',
     "session-id-object": '{"v": 1, "s": {"a": 1}}',
+    "window-id-int": '{"v": 1, "w": 5}',
     "tags-list": '{"v": 1, "t": ["a"]}',
     "tags-string": '{"v": 1, "t": "a=1"}',
     "huge": '{"v": 1, "d": "' + "u" * (300 * 1024) + '"}',

@@ -52,7 +52,7 @@ PH_DISTINCT, PH_SESSION, PH_TAGS = (
 DECODE_LIMIT = 256 * 1024  # characters; larger headers are refused unparsed
 MAX_TAGS, MAX_KEY, MAX_VALUE, MAX_DEPTH = 64, 200, 1000, 8
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # and lone surrogates: not UTF-8
-EMPTY: tuple[str | None, str | None, dict[str, Any]] = (None, None, {})
+EMPTY: tuple[str | None, str | None, dict[str, Any], str | None] = (None, None, {}, None)
 
 
 class Invalid(Exception):
@@ -134,7 +134,12 @@ def _ours(header: Any, signature: Any, secret: str | None) -> tuple[Any, ...]:
     tags = payload.get("t", {})
     if not isinstance(tags, dict):
         raise Invalid
-    return _clean_id(payload.get("d")), _clean_id(payload.get("s")), _clean_tags(tags)
+    return (
+        _clean_id(payload.get("d")),
+        _clean_id(payload.get("s")),
+        _clean_tags(tags),
+        _clean_id(payload.get("w")),  # the window ID: optional, a string like the others
+    )
 
 
 def _posthog(headers: dict[str, Any], secret: str | None) -> tuple[Any, ...]:
@@ -155,12 +160,13 @@ def _posthog(headers: dict[str, Any], secret: str | None) -> tuple[Any, ...]:
         _clean_id(headers.get(PH_DISTINCT)),
         _clean_id(headers.get(PH_SESSION)),
         _clean_tags(parsed),
+        None,  # PostHog's Celery integration carries no window ID
     )
 
 
 def expected(headers: dict[str, Any], secret: str | None) -> tuple[Any, ...]:
-    """``(distinct_id, session_id, tags)`` the task must see, per the wire format: our header
-    when present (valid, or else nothing), else PostHog's headers, else nothing."""
+    """``(distinct_id, session_id, tags, window_id)`` the task must see, per the wire format:
+    our header when present (valid, or else nothing), else PostHog's headers, else nothing."""
     try:
         if headers.get(HEADER) is not None:
             return _ours(headers[HEADER], headers.get(SIG), secret)
@@ -214,7 +220,12 @@ ids = st.one_of(text, text, text, st.integers(), st.lists(scalars, max_size=2), 
 versions = st.one_of(st.just(1), st.sampled_from([0, 2, "1", 1.5, None, [1]]))
 payloads = st.fixed_dictionaries(
     {"v": versions},
-    optional={"d": ids, "s": ids, "t": st.one_of(tag_dicts, tag_dicts, tag_dicts, json_values)},
+    optional={
+        "d": ids,
+        "s": ids,
+        "w": ids,
+        "t": st.one_of(tag_dicts, tag_dicts, tag_dicts, json_values),
+    },
 )
 # Well-formed contexts, still full of what must be cleaned (control characters, surrogates,
 # long strings, celery_/$ keys, too many tags, NaN, deep nesting).
@@ -223,7 +234,8 @@ long_text = st.builds(
 )
 valid_ids = st.one_of(short_text, short_text, short_text, long_text)
 valid_payloads = st.fixed_dictionaries(
-    {"v": st.just(1)}, optional={"d": valid_ids, "s": valid_ids, "t": tag_dicts}
+    {"v": st.just(1)},
+    optional={"d": valid_ids, "s": valid_ids, "w": valid_ids, "t": tag_dicts},
 )
 
 
@@ -299,6 +311,7 @@ def _restored(task: Any, token: int) -> dict[str, Any]:
         "token": token,
         "distinct_id": task_scopes.get_context_distinct_id(),
         "session_id": task_scopes.get_context_session_id(),
+        "window_id": task_scopes.get_isolation_scope().window_id,
         "tags": tags,
         "arrived": getattr(task.request, HEADER, None),
     }
@@ -362,7 +375,7 @@ def _check(result: dict[str, Any], token: int, headers: dict[str, Any], secret: 
     want = expected(headers, secret)
     # Shown by --hypothesis-show-statistics: how often each outcome was exercised.
     event("restored: empty" if want == EMPTY else "restored: a context")
-    got = (result["distinct_id"], result["session_id"], result["tags"])
+    got = (result["distinct_id"], result["session_id"], result["tags"], result["window_id"])
     assert got == want, f"restored {got!r}, expected {want!r}"
 
 

@@ -9,8 +9,18 @@ from celery import Celery
 
 # Two users whose requests run at the same time.
 USERS = {
-    "alice": {"distinct_id": "user-alice", "session_id": "session-alice", "order": "o-alice"},
-    "bob": {"distinct_id": "user-bob", "session_id": "session-bob", "order": "o-bob"},
+    "alice": {
+        "distinct_id": "user-alice",
+        "session_id": "session-alice",
+        "window_id": "window-alice",
+        "order": "o-alice",
+    },
+    "bob": {
+        "distinct_id": "user-bob",
+        "session_id": "session-bob",
+        "window_id": "window-bob",
+        "order": "o-bob",
+    },
 }
 
 
@@ -29,6 +39,7 @@ class Orders:
         return {
             "X-POSTHOG-DISTINCT-ID": USERS[user]["distinct_id"],
             "X-POSTHOG-SESSION-ID": USERS[user]["session_id"],
+            "X-POSTHOG-WINDOW-ID": USERS[user]["window_id"],
         }
 
     @staticmethod
@@ -44,6 +55,7 @@ class Orders:
                 assert len(mine) == 1, (name, user, events)
                 assert mine[0]["distinct_id"] == user["distinct_id"], mine[0]
                 assert mine[0]["properties"]["$session_id"] == user["session_id"], mine[0]
+                assert mine[0]["properties"]["$window_id"] == user["window_id"], mine[0]
             (task_event,) = [
                 e
                 for e in events

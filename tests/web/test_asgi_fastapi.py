@@ -75,6 +75,7 @@ def make_app(
         return {
             "distinct_id": task_scopes.get_context_distinct_id(),
             "session_id": task_scopes.get_context_session_id(),
+            "window_id": task_scopes.get_isolation_scope().window_id,
             "tags": task_scopes.get_tags(),
         }
 
@@ -305,6 +306,7 @@ def test_custom_header_names_and_extra_tags(orders: Orders) -> None:
     body = run(app, get).json()
     assert body["distinct_id"] == "user-7"
     assert body["session_id"] == "session-alice"
+    assert body["window_id"] == "window-alice"
     assert body["tags"]["tenant"] == "acme"
 
 

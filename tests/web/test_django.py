@@ -52,6 +52,7 @@ def _whoami() -> dict[str, Any]:
     return {
         "distinct_id": task_scopes.get_context_distinct_id(),
         "session_id": task_scopes.get_context_session_id(),
+        "window_id": task_scopes.get_isolation_scope().window_id,
         "tags": task_scopes.get_tags(),
     }
 
@@ -255,6 +256,7 @@ def test_context_never_leaks_to_the_caller_or_the_next_request() -> None:
     assert second == {
         "distinct_id": None,
         "session_id": None,
+        "window_id": None,
         "tags": {"$current_url": f"{BASE}/whoami?page=2", "$request_method": "GET"},
     }
     assert task_scopes.get_context_distinct_id() is None
@@ -343,16 +345,18 @@ def test_async_streamed_body_is_scoped(captured_events: CapturedEvents) -> None:
 @override_settings(
     TASK_SCOPES_DISTINCT_ID_HEADER="X-User-Id",
     TASK_SCOPES_SESSION_ID_HEADER="X-Session",
+    TASK_SCOPES_WINDOW_ID_HEADER="X-Window",
     TASK_SCOPES_EXTRA_TAGS=f"{__name__}.tenant_tags",
 )
 def test_settings_choose_headers_and_extra_tags() -> None:
     reply = Client().get(
         "/whoami",
-        headers={"X-User-Id": "user-7", "X-Session": "s-7", "X-Tenant": "acme"}
+        headers={"X-User-Id": "user-7", "X-Session": "s-7", "X-Window": "w-7", "X-Tenant": "acme"}
         | Orders.headers("alice"),
     )
     assert reply.json()["distinct_id"] == "user-7"
     assert reply.json()["session_id"] == "s-7"
+    assert reply.json()["window_id"] == "w-7"
     assert reply.json()["tags"]["tenant"] == "acme"
 
 
@@ -360,6 +364,7 @@ def test_settings_choose_headers_and_extra_tags() -> None:
     ("setting", "value"),
     [
         ("TASK_SCOPES_SESSION_ID_HEADER", "bad header"),
+        ("TASK_SCOPES_WINDOW_ID_HEADER", "bad header"),
         ("TASK_SCOPES_CAPTURE_EXCEPTIONS", "yes"),
         ("TASK_SCOPES_EXTRA_TAGS", "no.such.module.tags"),
     ],

@@ -52,6 +52,13 @@ def test_options_reject_invalid_header_name_naming_the_option() -> None:
         )
 
 
+def test_options_reject_invalid_window_id_header_naming_the_option() -> None:
+    with pytest.raises(ValueError, match="TASK_SCOPES_WINDOW_ID_HEADER"):
+        WebOptions.build(
+            window_id_header="X:Window", names={"window_id_header": "TASK_SCOPES_WINDOW_ID_HEADER"}
+        )
+
+
 def test_options_reject_non_bool_switch_and_non_callable_tags() -> None:
     with pytest.raises(TypeError, match="capture_exceptions"):
         WebOptions.build(capture_exceptions="yes")
@@ -63,5 +70,6 @@ def test_options_defaults_are_posthogs_tracing_headers() -> None:
     options = WebOptions.build()
     assert options.distinct_id_header == "X-POSTHOG-DISTINCT-ID"
     assert options.session_id_header == "X-POSTHOG-SESSION-ID"
+    assert options.window_id_header == "X-POSTHOG-WINDOW-ID"
     assert options.capture_exceptions is True
     assert options.extra_tags is None

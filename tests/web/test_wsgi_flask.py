@@ -50,6 +50,7 @@ def make_app(
         return {
             "distinct_id": task_scopes.get_context_distinct_id(),
             "session_id": task_scopes.get_context_session_id(),
+            "window_id": task_scopes.get_isolation_scope().window_id,
             "tags": task_scopes.get_tags(),
         }
 
@@ -131,6 +132,32 @@ def test_request_events_carry_url_and_method_tags(
     assert event["properties"]["$request_method"] == "GET"
     assert event["distinct_id"] == "user-alice"
     assert event["properties"]["$session_id"] == "session-alice"
+    assert event["properties"]["$window_id"] == "window-alice"
+
+
+def test_window_id_is_cleaned_capped_and_carried_to_the_task(
+    orders: Orders, captured_events: CapturedEvents
+) -> None:
+    client = make_app(orders).test_client()
+    headers = Orders.headers("alice") | {"X-POSTHOG-WINDOW-ID": "\x00win\x1b-1\t" + "w" * 5_000}
+    assert client.get("/orders/o-alice", headers=headers).status_code == 200
+    window_id = ("win-1" + "w" * 5_000)[:200]
+    for name in ("request handled", "order placed"):
+        (event,) = captured_events.named(name)
+        assert event["properties"]["$window_id"] == window_id, name
+    # Only a window ID: still carried, the events stay personless.
+    captured_events.clear()
+    assert client.get("/orders/o-anon", headers={"X-POSTHOG-WINDOW-ID": "w-2"}).status_code == 200
+    for name in ("request handled", "order placed"):
+        (event,) = captured_events.named(name)
+        assert event["properties"]["$window_id"] == "w-2", name
+        assert event["properties"]["$process_person_profile"] is False
+    # A blank header counts as absent.
+    captured_events.clear()
+    assert client.get("/orders/o-anon", headers={"X-POSTHOG-WINDOW-ID": " \x00"}).status_code == 200
+    for name in ("request handled", "order placed"):
+        (event,) = captured_events.named(name)
+        assert "$window_id" not in event["properties"], name
 
 
 def test_control_characters_are_stripped_and_long_values_capped(orders: Orders) -> None:
@@ -156,6 +183,7 @@ def test_missing_headers_give_personless_events(
         (event,) = captured_events.named(name)
         assert event["properties"]["$process_person_profile"] is False
         assert "$session_id" not in event["properties"]
+        assert "$window_id" not in event["properties"]
     (request_event,) = captured_events.named("request handled")
     assert request_event["properties"]["$current_url"] == "http://localhost/orders/o-anon"
 
@@ -173,9 +201,11 @@ def test_context_never_leaks_to_the_caller_or_the_next_request(orders: Orders) -
     assert first is not None and second is not None
     assert first["distinct_id"] == "user-alice"
     assert "caller_tag" not in first["tags"]
+    assert first["window_id"] == "window-alice"
     assert second == {
         "distinct_id": None,
         "session_id": None,
+        "window_id": None,
         "tags": {"$current_url": "http://localhost/whoami", "$request_method": "GET"},
     }
     assert task_scopes.get_context_distinct_id() is None
@@ -249,16 +279,18 @@ def test_custom_header_names_and_extra_tags(
         orders,
         distinct_id_header="X-User-Id",
         session_id_header="X-Session",
+        window_id_header="X-Window",
         extra_tags=lambda environ: {"tenant": environ.get("HTTP_X_TENANT")},
     ).test_client()
     reply = client.get(
         "/whoami",
-        headers={"X-User-Id": "user-7", "X-Session": "s-7", "X-Tenant": "acme"}
+        headers={"X-User-Id": "user-7", "X-Session": "s-7", "X-Window": "w-7", "X-Tenant": "acme"}
         | Orders.headers("alice"),
     )
     assert reply.json is not None
     assert reply.json["distinct_id"] == "user-7"
     assert reply.json["session_id"] == "s-7"
+    assert reply.json["window_id"] == "w-7"
     assert reply.json["tags"]["tenant"] == "acme"
 
 
