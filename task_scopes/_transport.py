@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip as _gzip
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -197,6 +198,15 @@ class HttpTransport(BaseTransport):
         session.headers.update(
             {"Content-Type": "application/json", "User-Agent": f"task_scopes/{__version__}"}
         )
+        # What requests would read from the environment on every POST (proxy variables
+        # with no_proxy, the CA bundle variables, ~/.netrc), resolved once per session: the
+        # consumer POSTs to one URL, and per-request look-ups cost it more than the send.
+        proxies = requests.utils.get_environ_proxies(self.url)
+        ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        session.trust_env = False
+        session.proxies.update(proxies)
+        if ca_bundle:
+            session.verify = ca_bundle
         return session
 
     def after_fork_in_child(self) -> None:

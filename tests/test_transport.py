@@ -224,3 +224,24 @@ def test_in_memory_transport_keeps_parsed_events_until_cleared() -> None:
 def test_gzip_helper_matches_what_the_collector_decodes() -> None:
     body = gzip.compress(batch_body(API_KEY, _events(2)))
     assert [e["distinct_id"] for e in parse_payload(body, "gzip")] == ["user-0", "user-1"]
+
+
+def test_proxy_variables_are_read_once_when_the_transport_is_made(
+    server: CaptureServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The collector stands in for a proxy: a proxied POST names the full target URL.
+    target = "http://collector.invalid:8000"
+    monkeypatch.setenv("HTTP_PROXY", server.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    transport = HttpTransport("phc_test", target, retry_window=1.0, max_retries=1)
+    monkeypatch.delenv("HTTP_PROXY")  # too late: it was resolved at construction
+    transport.send(['{"event":"e","distinct_id":"d","properties":{}}'])
+    assert [r.path for r in server.request_log] == [f"{target}/batch/"]
+
+
+def test_no_proxy_is_honoured(server: CaptureServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    transport = HttpTransport("phc_test", server.url, retry_window=1.0)
+    assert transport.send(['{"event":"e","distinct_id":"d","properties":{}}']) == 0

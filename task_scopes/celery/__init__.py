@@ -24,7 +24,38 @@ replaces a client made with ``init()``.
 
 Lifecycle, through Celery's signals only (no monkeypatching):
 
-=============================  ============  =========================================
+=============================  ============  ================================================
+Celery signal                  process       task_scopes
+=============================  ============  ================================================
+``before_task_publish``        caller, or    encodes the caller's distinct ID, session ID,
+                               the worker    window ID and tags into one top-level header,
+                               child for     ``task_scopes`` (signed: ``task_scopes_sig``);
+                               retries and   chain steps, chord bodies, callbacks and
+                               canvas        retries carry the running task's context
+``task_prerun``                where the     opens the task's isolation scope from that
+                               task runs     header, tagged ``celery_task_id``,
+                                             ``celery_task_name``, ``celery_queue``,
+                                             ``celery_retry_count``, ``celery_hostname``,
+                                             and binds the app's client to it
+``task_postrun``               same          closes exactly that scope (token reset),
+                                             whatever happened: success, failure, retry,
+                                             ``Ignore``, ``Reject``
+``task_failure``               child         ``$exception`` once per task, in its scope
+``task_failure``               main          hard time limit or lost child: the scope is
+                                             rebuilt from the received header; captured
+                                             once (Celery 5.7 fires it twice)
+``worker_init``                main          keeps received headers only under prefork
+``worker_process_init``        child         forgets the main process's bounded maps
+``worker_process_shutdown``    child         bounded flush of every client (children leave
+                                             with ``os._exit``; atexit never runs there)
+``worker_shutdown``, atexit    main          bounded flush and shutdown of every client
+=============================  ============  ================================================
+
+``Retry``, ``Ignore``, ``Reject`` and ``task.throws`` are never captured; with retries, only
+the final failure. Eager runs (``task_always_eager``, ``.apply()``) take the caller's
+context through the same encode -> decode path as a published task (caps, ``propagate``,
+signing), so they give the same events as a worker; nothing the task sets leaks back.
+
 Settings (``app.conf``; keyword overrides to :func:`install` drop the prefix):
 
 ==================================  =============  ===========================================
@@ -91,6 +122,7 @@ _HANDLERS = (
     (signals.task_failure, _signals._on_task_failure),
     (signals.task_retry, _signals._on_task_retry),
     (signals.task_received, _signals._on_task_received),
+    (signals.worker_init, _signals._on_worker_init),
     (signals.worker_process_init, _signals._on_worker_process_init),
     (signals.worker_process_shutdown, _signals._on_worker_process_shutdown),
     (signals.worker_shutdown, _signals._on_worker_shutdown),

@@ -160,6 +160,9 @@ class _Bounded(OrderedDict[str, Any]):
 # request), and the task ids already captured there (Celery 5.7 fires task_failure twice
 # for a hard time limit).
 _received = _Bounded(4096)
+# Only a prefork pool reports failures in the main process (hard time limit, lost child);
+# under solo, threads, gevent or eventlet the task's own request has its headers.
+_keep_received = True
 _captured_in_main = _Bounded(4096)
 _bad_header_log = RateLimitedLog(60.0)
 _dropped_logs: dict[frozenset[str], RateLimitedLog] = {}
@@ -418,8 +421,18 @@ def _on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, 
             client.capture("celery task retry", properties={"celery_state": "RETRY"})
 
 
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    global _keep_received
+    with guard("worker_init"):
+        pool = getattr(sender, "pool_cls", None)
+        # A class (from the command line) or a name; resolved without importing the pool
+        # (gevent and eventlet must monkey-patch before their pool module is imported).
+        name = f"{pool.__module__}.{pool.__qualname__}" if isinstance(pool, type) else str(pool)
+        _keep_received = "prefork" in name.lower()
+
+
 def _on_task_received(request: Any = None, **_: Any) -> None:
-    if not REGISTRY.apps:
+    if not REGISTRY.apps or not _keep_received:
         return
     with guard("task_received"):
         task_id = getattr(request, "id", None)

@@ -20,17 +20,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e.conftest import (  # noqa: F401 -- fixtures, used by name
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.remote.webdriver import WebDriver
+
+from tests.e2e.conftest import (  # noqa: F401 -- fixtures, used by name
     capture_server,
     make_producer,
     redis_broker,
     run_id,
     start_worker,
 )
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.remote.webdriver import WebDriver
 
 HERE = Path(__file__).resolve().parent
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from e2e.harness import Broker, MakeProducer, StartWorker, Worker, labelled, wait_events
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from task_scopes.testing import CaptureServer
+from tests.e2e.harness import Broker, MakeProducer, StartWorker, Worker, labelled, wait_events
 
 from .page import Ids, call, ids, open_page, wait_for
 from .shop import API_KEY, VIEW_EVENT, make_app, serve

@@ -24,6 +24,7 @@ SIGNALS = (
     signals.task_failure,
     signals.task_retry,
     signals.task_received,
+    signals.worker_init,
     signals.worker_process_init,
     signals.worker_process_shutdown,
     signals.worker_shutdown,
