@@ -121,6 +121,7 @@ _HANDLERS = (
     (signals.task_postrun, _signals._on_task_postrun),
     (signals.task_failure, _signals._on_task_failure),
     (signals.task_retry, _signals._on_task_retry),
+    (signals.task_internal_error, _signals._on_task_internal_error),
     (signals.task_received, _signals._on_task_received),
     (signals.worker_process_init, _signals._on_worker_process_init),
     (signals.worker_process_shutdown, _signals._on_worker_process_shutdown),

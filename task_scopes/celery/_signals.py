@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,15 @@ from celery.exceptions import Ignore, Reject, Retry
 from .. import _api, _defaults
 from .._client import Client, flush_all, register_exit_flush
 from .._internal import RateLimitedLog, guard, logger
-from .._scope import Scope, enter_scope, exit_scope, get_global_scope, merged_context
+from .._scope import (
+    Scope,
+    enter_scope,
+    exit_scope,
+    get_global_scope,
+    merged_context,
+    merged_groups,
+)
+from ._failure import original_exception, summary
 from ._header import (
     HEADER,
     POSTHOG_DISTINCT_ID,
@@ -45,6 +53,8 @@ _RUN_ATTR = "_task_scopes_run"
 _GUARD_BEFORE_TASK_PUBLISH = guard("before_task_publish")
 _GUARD_TASK_PRERUN = guard("task_prerun")
 _GUARD_TASK_POSTRUN = guard("task_postrun")
+_LATENCY = "celery_queue_latency_ms"
+_CONTEXT_HEADERS = (HEADER, POSTHOG_DISTINCT_ID, POSTHOG_SESSION_ID, POSTHOG_TAGS)
 _NOT_CAPTURED = (Retry, Ignore, Reject)
 
 
@@ -139,6 +149,13 @@ class _Run:
     tokens: Any
     started: float
     installed: Installed
+    isolation: Scope
+    current: Scope
+
+
+# The eager run whose exception is escaping apply() (task_eager_propagates / throw=True),
+# from its task_postrun to the task_internal_error Celery sends next, in the same thread.
+_escaping = threading.local()
 
 
 class _Bounded(OrderedDict[str, Any]):
@@ -200,18 +217,29 @@ def _on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) -
 
 
 def _inject(installed: Installed, headers: dict[str, Any], *, posthog: bool) -> None:
-    """Write the caller's context into ``headers`` as a published task carries it.
+    """Write the caller's context and the publish time into ``headers`` as a published
+    task carries them.
 
-    Nothing is written when ``propagate`` is off or the context is empty (so a caller's
-    own ``apply_async(headers={"task_scopes": ...})`` stands).
+    Nothing is written when ``propagate`` is off, or when the context is empty and the
+    message already carries a context (the caller's own ``apply_async(headers=...)``, or
+    PostHog's integration's ``X-POSTHOG-*`` headers): that one stands.
     """
     options = installed.options
     if not options.propagate:
         return
     distinct_id, session_id, tags = merged_context(include_global=False)
-    if distinct_id is None and session_id is None and not tags:
+    groups = merged_groups(include_global=False)
+    empty = distinct_id is None and session_id is None and not tags and not groups
+    if empty and any(name in headers for name in _CONTEXT_HEADERS):
         return
-    header, dropped = encode(distinct_id, session_id, tags, installed.limits)
+    header, dropped = encode(
+        distinct_id,
+        session_id,
+        tags,
+        installed.limits,
+        groups=groups,
+        published_ms=time.time_ns() // 1_000_000,
+    )
     # Top level only, never headers["headers"]: see task_scopes.celery._header (celery#4875).
     headers[HEADER] = header
     if options.secret is not None:
@@ -271,6 +299,26 @@ def _apply(scope: Scope, context: WireContext | None) -> None:
         scope.set_session_id(context.session_id)
     if context.tags:
         scope.update_tags(context.tags)
+    for group_type, group_key in (context.groups or {}).items():
+        scope.set_group(group_type, group_key)
+
+
+def _latency_ms(context: WireContext | None, started: float | None) -> int | None:
+    """Milliseconds from the producer's publish (its clock) to ``started`` (epoch seconds,
+    this host's clock), clamped at 0; None without both."""
+    if context is None or context.published_ms is None or started is None:
+        return None
+    return max(0, round(started * 1000) - context.published_ms)
+
+
+def _task_tags(
+    task: Any, request: Any, context: WireContext | None, started: Any
+) -> dict[str, Any]:
+    tags = task_tags(task, request)
+    latency = _latency_ms(context, started if isinstance(started, (int, float)) else None)
+    if latency is not None:
+        tags[_LATENCY] = latency
+    return tags
 
 
 def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
@@ -286,19 +334,23 @@ def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
             # encode -> decode path a published task takes (caps, propagate, signing), so
             # eager and worker runs give the same events by construction.
             _inject(installed, headers, posthog=False)
-        isolation = Scope()
-        _apply(isolation, _restore(installed, headers, request.id))
-        isolation.update_tags(task_tags(task, request))
+        isolation, current = Scope(), Scope()
+        context = _restore(installed, headers, request.id)
+        _apply(isolation, context)
+        isolation.update_tags(_task_tags(task, request, context, time.time()))
         client = installed.client()
         if client is not None:
             isolation.set_client(client)
-        run = _Run(enter_scope(isolation, Scope()), time.monotonic(), installed)
+        tokens = enter_scope(isolation, current)
+        run = _Run(tokens, time.monotonic(), installed, isolation, current)
         setattr(request, _RUN_ATTR, run)
         if installed.options.task_events and _wanted(installed, task):
             _api.get_client().capture("celery task started", properties={"celery_state": "STARTED"})
 
 
-def _on_task_postrun(task: Any = None, sender: Any = None, state: Any = None, **_: Any) -> None:
+def _on_task_postrun(
+    task: Any = None, sender: Any = None, task_id: Any = None, state: Any = None, **_: Any
+) -> None:
     task = task if task is not None else sender
     if task is None:
         return
@@ -320,6 +372,11 @@ def _on_task_postrun(task: Any = None, sender: Any = None, state: Any = None, **
         finally:
             setattr(request, _RUN_ATTR, None)
             exit_scope(run.tokens)
+            if state is None and getattr(request, "is_eager", False):
+                # No state: an exception is escaping the trace (task_eager_propagates,
+                # apply(throw=True)); task_failure was not sent. Celery sends
+                # task_internal_error next, with the exception, from the same thread.
+                _escaping.run = (task_id, run)
 
 
 def _ms(run: _Run) -> float:
@@ -352,10 +409,12 @@ def _capture_failure(installed: Installed, task: Any, exc: BaseException, run: _
     if not _wanted(installed, task):
         return
     client = _api.get_client()
+    exc = original_exception(exc)
     if options.capture_exceptions and not _expected(task, exc):
         client.capture_exception(exc, mechanism="celery", handled=False)
     if options.task_events:
-        props: dict[str, Any] = {"celery_state": "FAILURE", "celery_exception": type(exc).__name__}
+        props: dict[str, Any] = {"celery_state": "FAILURE"}
+        props.update(summary(exc, installed.limits.max_value_chars))
         if run is not None:
             props["celery_duration_ms"] = _ms(run)
         client.capture("celery task failure", properties=props)
@@ -377,18 +436,46 @@ def _on_task_failure(
         if task_id is None or task_id in _captured_in_main:
             return
         _captured_in_main.put(task_id, True)
+        received = _received.get(task_id)
         if getattr(request, "id", None) == task_id:
             headers = carried_headers(request)
         else:
-            headers = _received.get(task_id) or {}
+            headers = received.headers if received is not None else {}
         isolation = Scope()
-        _apply(isolation, _restore(installed, headers, task_id))
-        isolation.update_tags(task_tags(sender, request))
+        context = _restore(installed, headers, task_id)
+        _apply(isolation, context)
+        started = getattr(received.request(), "time_start", None) if received else None
+        isolation.update_tags(_task_tags(sender, request, context, started))
         isolation.set_tag("celery_task_id", task_id)
         isolation.set_client(installed.client())
         tokens = enter_scope(isolation, Scope())
         try:
             _capture_failure(installed, sender, exception, None)
+        finally:
+            exit_scope(tokens)
+
+
+def _on_task_internal_error(
+    sender: Any = None, task_id: Any = None, exception: Any = None, **_: Any
+) -> None:
+    """An eager run's exception escaping ``apply()`` (``task_eager_propagates``,
+    ``apply(throw=True)``): Celery skips ``task_failure`` and sends this after
+    ``task_postrun``. Capture it as a worker would, in the run's own (reopened) scopes.
+    Retry, Ignore and Reject escape too (Celery raises ``Retry`` out of ``apply()`` in
+    this mode instead of retrying): nothing is captured for them, as nothing failed."""
+    escaping = getattr(_escaping, "run", None)
+    if escaping is None:
+        return
+    _escaping.run = None
+    escaped_id, run = escaping
+    if escaped_id != task_id or not isinstance(exception, Exception):
+        return
+    with guard("task_internal_error"):
+        if isinstance(exception, _NOT_CAPTURED):
+            return
+        tokens = enter_scope(run.isolation, run.current)
+        try:
+            _capture_failure(run.installed, sender, exception, run)
         finally:
             exit_scope(tokens)
 
@@ -410,7 +497,20 @@ def _on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, 
         ):
             client.capture_exception(cause, mechanism="celery.retry", handled=False)
         if options.task_events:
-            client.capture("celery task retry", properties={"celery_state": "RETRY"})
+            props: dict[str, Any] = {"celery_state": "RETRY"}
+            if isinstance(cause, BaseException):  # the exc given to retry(), if any
+                props.update(summary(cause, installed.limits.max_value_chars))
+            client.capture("celery task retry", properties=props)
+
+
+@dataclass(frozen=True)
+class _Received:
+    headers: dict[str, Any]
+    request: Callable[[], Any]  # a weak reference to the worker's Request
+
+
+def _no_request() -> None:
+    return None
 
 
 def _on_task_received(request: Any = None, **_: Any) -> None:
@@ -423,7 +523,12 @@ def _on_task_received(request: Any = None, **_: Any) -> None:
             return
         found = {name: headers_of[name] for name in CARRIED if name in headers_of}
         if found:
-            _received.put(task_id, found)
+            # The request too, weakly: its time_start dates the run for the latency.
+            try:
+                ref: Callable[[], Any] = weakref.ref(request)
+            except TypeError:
+                ref = _no_request
+            _received.put(task_id, _Received(found, ref))
 
 
 # -- process lifecycle ---------------------------------------------------------------------
