@@ -108,8 +108,9 @@ def _queue(task: Any, delivery_info: Mapping[str, Any]) -> str | None:
     The default exchange (``""``) routes to the queue named by the routing key. Through
     another exchange the routing key is not a queue name: the queue is named only when
     exactly one queue the app declares (``app.amqp.queues``) is bound with that exchange
-    and routing key. None otherwise (a topic pattern, a fanout, an eager run without
-    routing options). sentry-python keeps to the default-exchange rule only.
+    and routing key (its own, or one of its ``bindings``). None otherwise (a topic
+    pattern, a fanout, an eager run without routing options). sentry-python keeps to the
+    default-exchange rule only.
     """
     routing_key = delivery_info.get("routing_key")
     if not routing_key or not isinstance(routing_key, str):
@@ -123,9 +124,12 @@ def _queue(task: Any, delivery_info: Mapping[str, Any]) -> str | None:
         queues = task.app.amqp.queues
     except AttributeError:
         return None
-    found = [
-        name
-        for name, queue in queues.items()
-        if queue.routing_key == routing_key and getattr(queue.exchange, "name", None) == exchange
-    ]
+    found = [name for name, queue in queues.items() if _bound(queue, exchange, routing_key)]
     return found[0] if len(found) == 1 else None
+
+
+def _bound(queue: Any, exchange: str, routing_key: str) -> bool:
+    for bound in (queue, *(getattr(queue, "bindings", None) or ())):
+        if bound.routing_key == routing_key and getattr(bound.exchange, "name", None) == exchange:
+            return True
+    return False

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.app.task import Context
-from kombu import Exchange, Queue
+from kombu import Exchange, Queue, binding
 
 from task_scopes.celery._header import (
     Limits,
@@ -131,6 +131,7 @@ def routed_app() -> Celery:
         Queue("events", topic, routing_key="events.#"),
         Queue("audit_a", Exchange("audit_x"), routing_key="audit"),
         Queue("audit_b", Exchange("audit_x"), routing_key="audit"),
+        Queue("bound", bindings=[binding(Exchange("bound_x"), routing_key="bound.rk")]),
     ]
 
     @app.task(name="routes.work", shared=False)
@@ -146,6 +147,7 @@ def routed_app() -> Celery:
         ({"exchange": "", "routing_key": "emails"}, "emails"),  # default exchange
         ({"exchange": "orders_x", "routing_key": "orders.new"}, "orders"),  # declared binding
         ({"exchange": "events_x", "routing_key": "events.created"}, None),  # topic pattern
+        ({"exchange": "bound_x", "routing_key": "bound.rk"}, "bound"),  # one of its bindings
         ({"exchange": "audit_x", "routing_key": "audit"}, None),  # two queues: ambiguous
         ({"exchange": "other_x", "routing_key": "orders"}, None),  # a routing key, not a queue
         ({"exchange": None, "routing_key": "orders"}, None),  # eager, exchange not given
