@@ -27,16 +27,18 @@ Lifecycle, through Celery's signals only (no monkeypatching):
 =============================  ============  ================================================
 Celery signal                  process       task_scopes
 =============================  ============  ================================================
-``before_task_publish``        caller, or    encodes the caller's distinct ID, session ID
-                               the worker    and tags into one top-level header,
-                               child for     ``task_scopes`` (signed: ``task_scopes_sig``);
-                               retries and   chain steps, chord bodies, callbacks and
-                               canvas        retries carry the running task's context
+``before_task_publish``        caller, or    encodes the caller's distinct ID, session ID,
+                               the worker    groups and tags and the publish time into one
+                               child for     top-level header, ``task_scopes`` (signed:
+                               retries and   ``task_scopes_sig``); chain steps, chord
+                               canvas        bodies, callbacks and retries carry the
+                                             running task's context
 ``task_prerun``                where the     opens the task's isolation scope from that
                                task runs     header, tagged ``celery_task_id``,
                                              ``celery_task_name``, ``celery_queue``,
                                              ``celery_retry_count``, ``celery_hostname``,
-                                             and binds the app's client to it
+                                             ``celery_queue_latency_ms``, and binds the
+                                             app's client to it
 ``task_postrun``               same          closes exactly that scope (token reset),
                                              whatever happened: success, failure, retry,
                                              ``Ignore``, ``Reject``
@@ -44,6 +46,10 @@ Celery signal                  process       task_scopes
 ``task_failure``               main          hard time limit or lost child: the scope is
                                              rebuilt from the received header; captured
                                              once (Celery 5.7 fires it twice)
+``task_internal_error``        eager caller  ``task_eager_propagates`` / ``apply(throw=
+                                             True)``: Celery sends no ``task_failure``;
+                                             the run's scope is reopened and the failure
+                                             captured as a worker would
 ``worker_process_init``        child         forgets the main process's bounded maps
 ``worker_process_shutdown``    child         bounded flush of every client (children leave
                                              with ``os._exit``; atexit never runs there)
@@ -53,7 +59,8 @@ Celery signal                  process       task_scopes
 ``Retry``, ``Ignore``, ``Reject`` and ``task.throws`` are never captured; with retries, only
 the final failure. Eager runs (``task_always_eager``, ``.apply()``) take the caller's
 context through the same encode -> decode path as a published task (caps, ``propagate``,
-signing), so they give the same events as a worker; nothing the task sets leaks back.
+signing), so they give the same events as a worker, also with ``task_eager_propagates``;
+nothing the task sets leaks back.
 
 Settings (``app.conf``; keyword overrides to :func:`install` drop the prefix):
 

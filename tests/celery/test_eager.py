@@ -4,6 +4,9 @@ the exception propagates (``task_eager_propagates``)."""
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -354,3 +357,30 @@ def test_eager_propagates_a_retry_escapes_as_celery_raises_it_and_is_not_capture
         propagating.app.tasks["eager.autoretry"].delay()
     assert [e["properties"]["attempt"] for e in captured_events.named("attempt")] == [0]
     assert captured_events.named("$exception") == []
+
+
+# -- threads inside a task (the README's rule) -----------------------------------------------
+
+
+@pytest.mark.usefixtures("caller")
+def test_a_thread_inside_a_task_needs_a_copied_context(
+    tasks: Tasks, captured_events: CapturedEvents
+) -> None:
+    def in_thread() -> None:
+        task_scopes.tag("written_in_thread", True)
+        task_scopes.capture("from thread")
+
+    @tasks.app.task(name="eager.threads", shared=False)
+    def threads() -> dict[str, Any]:
+        for target in (in_thread, functools.partial(contextvars.copy_context().run, in_thread)):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+        return seen()
+
+    after = threads.delay().get()
+    plain, copied = captured_events.named("from thread")
+    assert plain["properties"]["$process_person_profile"] is False  # Python copies nothing
+    assert copied["distinct_id"] == "user-1"
+    assert copied["properties"]["celery_task_name"] == "eager.threads"
+    assert "written_in_thread" not in after["tags"]  # the copy's writes stay in the copy
