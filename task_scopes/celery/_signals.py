@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,10 +173,12 @@ class _Bounded(OrderedDict[str, Any]):
 
 # Worker main process only: headers of received tasks, for failures reported there without
 # the task's request (hard time limit: Request.on_timeout fires task_failure with an empty
-# request), and the task ids already captured there (Celery 5.7 fires task_failure twice
-# for a hard time limit).
+# request), the task ids already captured there (Celery 5.7 fires task_failure twice for a
+# hard time limit), and the worker's Requests while they live (their time_start dates a
+# run for the latency).
 _received = _Bounded(4096)
 _captured_in_main = _Bounded(4096)
+_live_requests: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 _bad_header_log = RateLimitedLog(60.0)
 _dropped_logs: dict[frozenset[str], RateLimitedLog] = {}
 
@@ -185,6 +187,7 @@ def reset_process_state() -> None:
     """Forget the main process's bounded maps (called in a fresh pool child)."""
     _received.clear()
     _captured_in_main.clear()
+    _live_requests.clear()
 
 
 def _warn_dropped(keys: list[str], limits: Limits) -> None:
@@ -436,15 +439,16 @@ def _on_task_failure(
         if task_id is None or task_id in _captured_in_main:
             return
         _captured_in_main.put(task_id, True)
-        received = _received.get(task_id)
         if getattr(request, "id", None) == task_id:
             headers = carried_headers(request)
         else:
-            headers = received.headers if received is not None else {}
+            headers = _received.get(task_id) or {}
         isolation = Scope()
         context = _restore(installed, headers, task_id)
         _apply(isolation, context)
-        started = getattr(received.request(), "time_start", None) if received else None
+        # The worker's Request (alive: it is reporting this failure) knows when the child
+        # accepted the task, in epoch seconds.
+        started = getattr(_live_requests.get(task_id), "time_start", None)
         isolation.update_tags(_task_tags(sender, request, context, started))
         isolation.set_tag("celery_task_id", task_id)
         isolation.set_client(installed.client())
@@ -503,16 +507,6 @@ def _on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, 
             client.capture("celery task retry", properties=props)
 
 
-@dataclass(frozen=True)
-class _Received:
-    headers: dict[str, Any]
-    request: Callable[[], Any]  # a weak reference to the worker's Request
-
-
-def _no_request() -> None:
-    return None
-
-
 def _on_task_received(request: Any = None, **_: Any) -> None:
     if not REGISTRY.apps:
         return
@@ -523,12 +517,12 @@ def _on_task_received(request: Any = None, **_: Any) -> None:
             return
         found = {name: headers_of[name] for name in CARRIED if name in headers_of}
         if found:
-            # The request too, weakly: its time_start dates the run for the latency.
-            try:
-                ref: Callable[[], Any] = weakref.ref(request)
-            except TypeError:
-                ref = _no_request
-            _received.put(task_id, _Received(found, ref))
+            _received.put(task_id, found)
+        try:
+            # Weakly, so the entry goes with the request: its time_start dates the run.
+            _live_requests[task_id] = request
+        except TypeError:  # a request class without weak references
+            pass
 
 
 # -- process lifecycle ---------------------------------------------------------------------
