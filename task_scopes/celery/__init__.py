@@ -111,7 +111,7 @@ from celery import signals
 from .._client import Client
 from . import _signals
 from ._options import ConfigError, Options
-from ._signals import REGISTRY, Installed
+from ._registry import REGISTRY, Installed
 
 __all__ = [
     "ConfigError",

@@ -1,5 +1,8 @@
 """What a task failure or retry reports: the exception the task raised, by its own type.
 
+Which outcomes are failures: never ``Retry``, ``Ignore``, ``Reject`` or the types in the
+task's ``throws``; the ``task_scopes_task_filter`` decides which tasks are captured at all.
+
 Celery hands ``task_failure`` a picklable stand-in when the task's exception cannot be
 pickled (``celery.utils.serialization.get_pickleable_exception``): an
 ``UnpickleableExceptionWrapper``, or an instance of the nearest picklable base class
@@ -12,11 +15,66 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.serialization import UnpickleableExceptionWrapper
 
+from .. import _api
+from .._internal import logger
 from .._json import clean_str
+from ._registry import Installed
 
-__all__ = ["original_exception", "summary"]
+__all__ = [
+    "NOT_CAPTURED",
+    "capture_failure",
+    "expected",
+    "original_exception",
+    "summary",
+    "wanted",
+]
+
+NOT_CAPTURED = (Retry, Ignore, Reject)
+
+
+def wanted(installed: Installed, task: Any) -> bool:
+    """Whether ``task_scopes_task_filter`` lets ``task`` be captured (True without one,
+    and when it raises: the error is logged)."""
+    task_filter = installed.options.task_filter
+    if task_filter is None:
+        return True
+    try:
+        return bool(task_filter(getattr(task, "name", "")))
+    except Exception:
+        logger.exception("task_scopes: task_filter raised; capturing anyway")
+        return True
+
+
+def expected(task: Any, exc: BaseException) -> bool:
+    """``Retry``, ``Ignore``, ``Reject`` and the task's ``throws``: outcomes, not errors."""
+    if isinstance(exc, NOT_CAPTURED):
+        return True
+    throws = getattr(task, "throws", ()) or ()
+    return bool(throws) and isinstance(exc, tuple(throws))
+
+
+def capture_failure(
+    installed: Installed, task: Any, exc: BaseException, duration_ms: float | None
+) -> None:
+    """Capture a failed run in the active scopes: ``$exception`` (unless expected) and,
+    with ``task_scopes_task_events``, ``celery task failure``. ``duration_ms``: the run's
+    duration in milliseconds, None where it is not known (the worker's main process)."""
+    options = installed.options
+    if not wanted(installed, task):
+        return
+    client = _api.get_client()
+    exc = original_exception(exc)
+    if options.capture_exceptions and not expected(task, exc):
+        client.capture_exception(exc, mechanism="celery", handled=False)
+    if options.task_events:
+        props: dict[str, Any] = {"celery_state": "FAILURE"}
+        props.update(summary(exc, installed.limits.max_value_chars))
+        if duration_ms is not None:
+            props["celery_duration_ms"] = duration_ms
+        client.capture("celery task failure", properties=props)
 
 
 def original_exception(exc: BaseException) -> BaseException:

@@ -1,36 +1,34 @@
 """One ``_on_<signal_name>`` per Celery signal; every handler runs inside the guard.
 
-State lives in :data:`REGISTRY` (installed apps and their options) and in a few bounded
-per-process structures; nothing here grows with the number of tasks.
+State lives in :data:`~task_scopes.celery._registry.REGISTRY` (installed apps and their
+options) and in a few bounded per-process structures; nothing here grows with the number
+of tasks.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from celery import _state
-from celery.exceptions import Ignore, Reject, Retry
+from celery.exceptions import Retry
 
 from .. import _api, _defaults
-from .._client import Client, flush_all, register_exit_flush
+from .._client import flush_all
 from .._internal import RateLimitedLog, guard, logger
 from .._scope import (
     Scope,
     enter_scope,
     exit_scope,
-    get_global_scope,
     merged_context,
     merged_groups,
 )
-from ._failure import original_exception, summary
+from ._failure import NOT_CAPTURED, capture_failure, expected, summary, wanted
 from ._header import (
     HEADER,
     POSTHOG_DISTINCT_ID,
@@ -43,7 +41,7 @@ from ._header import (
     encode,
     sign,
 )
-from ._options import Options
+from ._registry import REGISTRY, Installed
 from ._request import CARRIED, carried_headers, read_context, task_tags
 
 __all__ = ["REGISTRY", "Installed"]
@@ -55,93 +53,6 @@ _GUARD_TASK_PRERUN = guard("task_prerun")
 _GUARD_TASK_POSTRUN = guard("task_postrun")
 _LATENCY = "celery_queue_latency_ms"
 _CONTEXT_HEADERS = (HEADER, POSTHOG_DISTINCT_ID, POSTHOG_SESSION_ID, POSTHOG_TAGS)
-_NOT_CAPTURED = (Retry, Ignore, Reject)
-
-
-# One client per distinct (api_key, host, client options): apps with equal settings share it.
-_app_clients: dict[tuple[Any, ...], Client] = {}
-
-
-@dataclass(frozen=True)
-class Installed:
-    """What ``install()`` decided for one app: its options and the caps of its header."""
-
-    options: Options
-    limits: Limits
-
-    @functools.cached_property
-    def client_key(self) -> tuple[Any, ...] | None:
-        """What makes two apps' clients the same; None without an API key."""
-        options = self.options
-        if options.api_key is None:
-            return None
-        return (options.api_key, options.host, tuple(options.client_options().items()))
-
-    def client(self) -> Client | None:
-        """The client to bind to this app's task runs; None without an API key (the
-        scopes' client applies). The client of ``task_scopes.init()`` when it has the same
-        API key and host, else one made from these options on first use."""
-        options = self.options
-        if options.api_key is None:
-            return None
-        bound = get_global_scope().client
-        if bound is not None and bound.api_key == options.api_key and bound.host == options.host:
-            return bound
-        key = self.client_key
-        assert key is not None
-        client = _app_clients.get(key)
-        if client is None:
-            with REGISTRY.lock:
-                client = _app_clients.get(key)
-                if client is None:
-                    client = Client(options.api_key, options.host, **options.client_options())
-                    _app_clients[key] = client
-                    register_exit_flush()
-        return client
-
-
-@dataclass
-class _Registry:
-    apps: weakref.WeakKeyDictionary[Any, Installed] = field(
-        default_factory=weakref.WeakKeyDictionary
-    )
-    last: Installed | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def unused_client(self, installed: Installed | None) -> Client | None:
-        """Forget the client made for ``installed`` when no installed app shares its
-        settings any more, and return it for the caller to shut down outside the lock.
-        Call with :attr:`lock` held."""
-        key = installed.client_key if installed is not None else None
-        if key is None or any(i.client_key == key for i in self.apps.values()):
-            return None
-        return _app_clients.pop(key, None)
-
-    def for_task(self, task: Any) -> Installed | None:
-        app = getattr(task, "app", None) if task is not None else None
-        return self.apps.get(app) if app is not None else None
-
-    def for_publish(self, task_name: Any) -> Installed | None:
-        """The options for publishing ``task_name``, or None when its app is not installed.
-
-        ``before_task_publish`` does not say which app publishes. The app that registers
-        the task decides; a task no app registers (``send_task("name")``) goes with the
-        current app if it is installed, else the last installed one.
-        """
-        active = _state._get_active_apps()
-        if len(active) == 1 and len(self.apps) == 1 and self.last is not None:
-            return self.last  # the usual process: one app, installed; it is the publisher
-        registering = [app for app in active if task_name in getattr(app, "_tasks", ())]
-        for app in registering:
-            found = self.apps.get(app)
-            if found is not None:
-                return found
-        if registering:
-            return None
-        return self.apps.get(_state.get_current_app()) or self.last
-
-
-REGISTRY = _Registry()
 
 
 @dataclass
@@ -347,7 +258,7 @@ def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
         tokens = enter_scope(isolation, current)
         run = _Run(tokens, time.monotonic(), installed, isolation, current)
         setattr(request, _RUN_ATTR, run)
-        if installed.options.task_events and _wanted(installed, task):
+        if installed.options.task_events and wanted(installed, task):
             _api.get_client().capture("celery task started", properties={"celery_state": "STARTED"})
 
 
@@ -366,7 +277,7 @@ def _on_task_postrun(
             if (
                 state == "SUCCESS"
                 and run.installed.options.task_events
-                and _wanted(run.installed, task)
+                and wanted(run.installed, task)
             ):
                 _api.get_client().capture(
                     "celery task success",
@@ -389,40 +300,6 @@ def _ms(run: _Run) -> float:
 # -- failures -------------------------------------------------------------------------------
 
 
-def _wanted(installed: Installed, task: Any) -> bool:
-    task_filter = installed.options.task_filter
-    if task_filter is None:
-        return True
-    try:
-        return bool(task_filter(getattr(task, "name", "")))
-    except Exception:
-        logger.exception("task_scopes: task_filter raised; capturing anyway")
-        return True
-
-
-def _expected(task: Any, exc: BaseException) -> bool:
-    if isinstance(exc, _NOT_CAPTURED):
-        return True
-    throws = getattr(task, "throws", ()) or ()
-    return bool(throws) and isinstance(exc, tuple(throws))
-
-
-def _capture_failure(installed: Installed, task: Any, exc: BaseException, run: _Run | None) -> None:
-    options = installed.options
-    if not _wanted(installed, task):
-        return
-    client = _api.get_client()
-    exc = original_exception(exc)
-    if options.capture_exceptions and not _expected(task, exc):
-        client.capture_exception(exc, mechanism="celery", handled=False)
-    if options.task_events:
-        props: dict[str, Any] = {"celery_state": "FAILURE"}
-        props.update(summary(exc, installed.limits.max_value_chars))
-        if run is not None:
-            props["celery_duration_ms"] = _ms(run)
-        client.capture("celery task failure", properties=props)
-
-
 def _on_task_failure(
     sender: Any = None, task_id: Any = None, exception: Any = None, **_: Any
 ) -> None:
@@ -433,7 +310,7 @@ def _on_task_failure(
         request = sender.request
         run: _Run | None = getattr(request, _RUN_ATTR, None)
         if run is not None:  # in the process that ran the task, inside its scope
-            _capture_failure(installed, sender, exception, run)
+            capture_failure(installed, sender, exception, _ms(run))
             return
         # Worker main process: hard time limit or lost child. Rebuild the task's scope.
         if task_id is None or task_id in _captured_in_main:
@@ -454,7 +331,7 @@ def _on_task_failure(
         isolation.set_client(installed.client())
         tokens = enter_scope(isolation, Scope())
         try:
-            _capture_failure(installed, sender, exception, None)
+            capture_failure(installed, sender, exception, None)
         finally:
             exit_scope(tokens)
 
@@ -475,11 +352,11 @@ def _on_task_internal_error(
     if escaped_id != task_id or not isinstance(exception, Exception):
         return
     with guard("task_internal_error"):
-        if isinstance(exception, _NOT_CAPTURED):
+        if isinstance(exception, NOT_CAPTURED):
             return
         tokens = enter_scope(run.isolation, run.current)
         try:
-            _capture_failure(run.installed, sender, exception, run)
+            capture_failure(run.installed, sender, exception, _ms(run))
         finally:
             exit_scope(tokens)
 
@@ -490,14 +367,14 @@ def _on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, 
         return
     with guard("task_retry"):
         options = installed.options
-        if not _wanted(installed, sender):
+        if not wanted(installed, sender):
             return
         cause = getattr(reason, "exc", None) if isinstance(reason, Retry) else reason
         client = _api.get_client()
         if (
             options.capture_retries
             and isinstance(cause, BaseException)
-            and not _expected(sender, cause)
+            and not expected(sender, cause)
         ):
             client.capture_exception(cause, mechanism="celery.retry", handled=False)
         if options.task_events:
