@@ -21,7 +21,8 @@ One message header at the top level of the task message:
   =====  ====================================================================
 
   A field that has no value is left out; a context with nothing in it writes only ``v``
-  and ``p``.
+  and ``p``, and nothing at all when the message already carries a context (the
+  caller's own ``task_scopes`` header, or PostHog's headers), which then stands.
 * ``task_scopes_sig``: hex HMAC-SHA256 of the exact ``task_scopes`` string under the
   ``task_scopes_secret`` setting, written only when a secret is set (it covers every
   field, ``p`` and ``g`` included).

@@ -342,8 +342,8 @@ def _on_task_internal_error(
     """An eager run's exception escaping ``apply()`` (``task_eager_propagates``,
     ``apply(throw=True)``): Celery skips ``task_failure`` and sends this after
     ``task_postrun``. Capture it as a worker would, in the run's own (reopened) scopes.
-    Retry, Ignore and Reject escape too (Celery raises ``Retry`` out of ``apply()`` in
-    this mode instead of retrying): nothing is captured for them, as nothing failed."""
+    ``Retry`` escapes too (Celery raises it out of ``apply()`` in this mode instead of
+    running the next attempt): nothing is captured for it, as nothing failed."""
     escaping = getattr(_escaping, "run", None)
     if escaping is None:
         return
