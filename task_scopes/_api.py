@@ -20,6 +20,7 @@ from ._scope import (
     get_global_scope,
     get_isolation_scope,
     merged_context,
+    merged_groups,
 )
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "flush",
     "get_client",
     "get_context_distinct_id",
+    "get_context_groups",
     "get_context_session_id",
     "get_tags",
     "identify_context",
@@ -35,6 +37,7 @@ __all__ = [
     "new_context",
     "scoped",
     "set",
+    "set_context_groups",
     "set_context_session",
     "set_once",
     "shutdown",
@@ -99,6 +102,7 @@ def capture(
     properties: Mapping[str, Any] | None = None,
     timestamp: datetime | str | None = None,
     uuid: str | None = None,
+    groups: Mapping[str, str | int] | None = None,
 ) -> str | None:
     """Capture an event with :the client of :func:`get_client`; see :meth:`Client.capture`.
 
@@ -108,9 +112,15 @@ def capture(
             identify_context("user-1")
             capture("order_processed")     # distinct_id "user-1"
         capture("order_processed")         # personless: no distinct ID out here
+        capture("seat_added", groups={"company": "acme"})   # $groups: {"company": "acme"}
     """
     return get_client().capture(
-        event, distinct_id=distinct_id, properties=properties, timestamp=timestamp, uuid=uuid
+        event,
+        distinct_id=distinct_id,
+        properties=properties,
+        timestamp=timestamp,
+        uuid=uuid,
+        groups=groups,
     )
 
 
@@ -254,6 +264,17 @@ def set_context_session(session_id: str) -> None:
     get_isolation_scope().set_session_id(session_id)
 
 
+def set_context_groups(groups: Mapping[str, str | int | None]) -> None:
+    """Attribute everything captured in this context to these groups (PostHog's
+    ``$groups``: group type -> group key), e.g. ``{"company": "acme"}``; merged into the
+    groups already set, a None key removes that group type. They travel with the tasks
+    the context publishes, like the session ID.
+    """
+    scope = get_isolation_scope()
+    for group_type, group_key in groups.items():
+        scope.set_group(group_type, group_key)
+
+
 def get_tags() -> dict[str, Any]:
     """The merged tags seen here (global, then isolation, then current scope), a new dict."""
     return merged_context()[2]
@@ -267,3 +288,8 @@ def get_context_distinct_id() -> str | None:
 def get_context_session_id() -> str | None:
     """The session ID seen here (current -> isolation -> global), or None."""
     return merged_context()[1]
+
+
+def get_context_groups() -> dict[str, str | int]:
+    """The groups seen here (global, then isolation, then current scope), a new dict."""
+    return merged_groups()

@@ -19,7 +19,7 @@ from . import _defaults
 from ._consumer import Consumer, Counters
 from ._exceptions import exception_list, mark_captured
 from ._internal import RateLimitedLog, guard, logger
-from ._scope import merged_context
+from ._scope import merged_context, merged_groups
 from ._transport import HttpTransport, Transport
 from ._version import __version__
 
@@ -171,6 +171,7 @@ class Client:
         properties: Mapping[str, Any] | None = None,
         timestamp: datetime | str | None = None,
         uuid: str | None = None,
+        groups: Mapping[str, str | int] | None = None,
     ) -> str | None:
         """Queue one event attributed from the active scopes. Never blocks, never raises.
 
@@ -180,6 +181,9 @@ class Client:
             properties: event properties; they win over tags of the same name.
             timestamp: when it happened (aware datetime or ISO 8601); default now, UTC.
             uuid: event UUID (str); default a new UUIDv7. The collector dedupes on it.
+            groups: group type -> group key, e.g. ``{"company": "acme"}``; merged over the
+                scopes' groups (and a ``$groups`` dict in ``properties``) into the
+                ``$groups`` property, as posthog-python sends them.
 
         Returns:
             The event UUID, or None when the client is disabled or dropped the event (the
@@ -192,6 +196,13 @@ class Client:
             ctx_distinct_id, session_id, props, window_id = merged_context()
             if properties:
                 props.update(properties)
+            event_groups = merged_groups()
+            if event_groups or groups:
+                explicit = props.get("$groups")
+                if isinstance(explicit, Mapping):
+                    event_groups.update(explicit)
+                event_groups.update(groups or {})
+                props["$groups"] = event_groups
             if session_id is not None and "$session_id" not in props:
                 props["$session_id"] = session_id
             if window_id is not None and "$window_id" not in props:

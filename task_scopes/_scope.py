@@ -46,6 +46,7 @@ __all__ = [
     "get_isolation_scope",
     "isolation_scope",
     "merged_context",
+    "merged_groups",
     "new_scope",
     "override_client",
     "use_isolation_scope",
@@ -72,7 +73,7 @@ def _owner() -> object:
 
 
 class Scope:
-    """Distinct ID, session ID, window ID and tags of one scope.
+    """Distinct ID, session ID, window ID, groups and tags of one scope.
 
     A scope is a plain mutable holder; which scope a call reads or writes is decided by the
     module-level functions. ``fork()`` copies it (tags are copied, values and the bound
@@ -86,7 +87,15 @@ class Scope:
         assert scope.tags["plan"] == "pro"
     """
 
-    __slots__ = ("_client", "_distinct_id", "_owner", "_session_id", "_tags", "_window_id")
+    __slots__ = (
+        "_client",
+        "_distinct_id",
+        "_groups",
+        "_owner",
+        "_session_id",
+        "_tags",
+        "_window_id",
+    )
 
     def __init__(
         self,
@@ -95,10 +104,12 @@ class Scope:
         session_id: str | None = None,
         tags: Mapping[str, Any] | None = None,
         window_id: str | None = None,
+        groups: Mapping[str, str | int] | None = None,
     ) -> None:
         self._distinct_id = distinct_id
         self._session_id = session_id
         self._window_id = window_id
+        self._groups: dict[str, str | int] = dict(groups) if groups else {}
         self._tags: dict[str, Any] = dict(tags) if tags else {}
         self._owner: object = None
         self._client: Client | None = None
@@ -115,6 +126,7 @@ class Scope:
         child._distinct_id = self._distinct_id
         child._session_id = self._session_id
         child._window_id = self._window_id
+        child._groups = self._groups.copy()
         child._tags = self._tags.copy()
         child._owner = None
         child._client = self._client
@@ -134,6 +146,11 @@ class Scope:
     def window_id(self) -> str | None:
         """posthog-js window (browser tab) ID set on this scope itself, or None."""
         return self._window_id
+
+    @property
+    def groups(self) -> Mapping[str, str | int]:
+        """Groups set on this scope itself (group type -> group key), a read-only copy."""
+        return dict(self._groups)
 
     @property
     def tags(self) -> Mapping[str, Any]:
@@ -163,6 +180,14 @@ class Scope:
         """Set (or with None, unset) the window ID (``$window_id``) of this scope."""
         self._window_id = window_id
 
+    def set_group(self, group_type: str, group_key: str | int | None) -> None:
+        """Attribute this scope's events to a group (PostHog's ``$groups``), e.g.
+        ``set_group("company", "acme")``; None removes the group type."""
+        if group_key is None:
+            self._groups.pop(group_type, None)
+        else:
+            self._groups[group_type] = group_key
+
     def set_tag(self, key: str, value: Any) -> None:
         """Set one tag; ``key`` is a property name, ``value`` anything JSON can carry."""
         self._tags[key] = value
@@ -176,10 +201,11 @@ class Scope:
         self._tags.pop(key, None)
 
     def clear(self) -> None:
-        """Forget distinct ID, session ID, window ID and tags."""
+        """Forget distinct ID, session ID, window ID, groups and tags."""
         self._distinct_id = None
         self._session_id = None
         self._window_id = None
+        self._groups = {}
         self._tags = {}
         self._client = None
 
@@ -361,6 +387,16 @@ def merged_context(include_global: bool = True) -> MergedContext:
         if window_id is None:
             window_id = _global_scope._window_id
     return MergedContext(distinct_id, session_id, tags, window_id)
+
+
+def merged_groups(include_global: bool = True) -> dict[str, str | int]:
+    """Groups as seen from here, a new dict: global, then isolation, then current scope
+    (later wins per group type); ``include_global`` as in :func:`merged_context`."""
+    groups = _global_scope._groups.copy() if include_global else {}
+    for scope in (_isolation_var.get(), _current_var.get()):
+        if scope is not None and scope._groups:
+            groups.update(scope._groups)
+    return groups
 
 
 # Set by task_scopes.testing.capture_events(): wins over every binding, in every thread.

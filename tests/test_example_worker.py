@@ -348,15 +348,15 @@ def shop_web(shop_web_module: ModuleType) -> ModuleType:
 
 def published(app: Any) -> list[tuple[str, str, dict[str, Any]]]:
     """The task messages waiting in the web test's queue, taken off it: (task name,
-    order_id argument, decoded ``task_scopes`` header)."""
+    order_id argument, decoded ``task_scopes`` header without its publish time)."""
     out = []
     with app.connection_for_read() as connection:
         queue = app.amqp.queues[WEB_QUEUE].bind(connection.default_channel)
         while (message := queue.get(no_ack=True)) is not None:
             args = message.decode()[0]
-            out.append(
-                (message.headers["task"], args[0], json.loads(message.headers["task_scopes"]))
-            )
+            context = json.loads(message.headers["task_scopes"])
+            assert isinstance(context.pop("p"), int)
+            out.append((message.headers["task"], args[0], context))
     return out
 
 

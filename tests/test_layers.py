@@ -40,7 +40,7 @@ def test_a_core_module_imports_no_celery_code(module: str) -> None:
 
 # A Scope's private attributes, and the ContextVars that hold the active scopes.
 _PRIVATE = re.compile(
-    r"[\w)\]]\._(distinct_id|session_id|tags|owner|client)\b"
+    r"[\w)\]]\._(distinct_id|session_id|groups|tags|owner|client)\b"
     r"|\b(_isolation_var|_current_var|_global_scope)\b"
 )
 

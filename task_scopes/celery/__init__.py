@@ -28,15 +28,17 @@ Lifecycle, through Celery's signals only (no monkeypatching):
 Celery signal                  process       task_scopes
 =============================  ============  ================================================
 ``before_task_publish``        caller, or    encodes the caller's distinct ID, session ID,
-                               the worker    window ID and tags into one top-level header,
-                               child for     ``task_scopes`` (signed: ``task_scopes_sig``);
-                               retries and   chain steps, chord bodies, callbacks and
-                               canvas        retries carry the running task's context
+                               the worker    window ID, groups and tags and the publish time
+                               child for     into one top-level header, ``task_scopes``
+                               retries and   (signed: ``task_scopes_sig``); chain steps,
+                               canvas        chord bodies, callbacks and retries carry the
+                                             running task's context
 ``task_prerun``                where the     opens the task's isolation scope from that
                                task runs     header, tagged ``celery_task_id``,
                                              ``celery_task_name``, ``celery_queue``,
                                              ``celery_retry_count``, ``celery_hostname``,
-                                             and binds the app's client to it
+                                             ``celery_queue_latency_ms``, and binds the
+                                             app's client to it
 ``task_postrun``               same          closes exactly that scope (token reset),
                                              whatever happened: success, failure, retry,
                                              ``Ignore``, ``Reject``
@@ -45,6 +47,10 @@ Celery signal                  process       task_scopes
                                              rebuilt from the received header; captured
                                              once (Celery 5.7 fires it twice)
 ``worker_init``                main          keeps received headers only under prefork
+``task_internal_error``        eager caller  ``task_eager_propagates`` / ``apply(throw=
+                                             True)``: Celery sends no ``task_failure``;
+                                             the run's scope is reopened and the failure
+                                             captured as a worker would
 ``worker_process_init``        child         forgets the main process's bounded maps
 ``worker_process_shutdown``    child         bounded flush of every client (children leave
                                              with ``os._exit``; atexit never runs there)
@@ -54,7 +60,8 @@ Celery signal                  process       task_scopes
 ``Retry``, ``Ignore``, ``Reject`` and ``task.throws`` are never captured; with retries, only
 the final failure. Eager runs (``task_always_eager``, ``.apply()``) take the caller's
 context through the same encode -> decode path as a published task (caps, ``propagate``,
-signing), so they give the same events as a worker; nothing the task sets leaks back.
+signing), so they give the same events as a worker, also with ``task_eager_propagates``;
+nothing the task sets leaks back.
 
 Settings (``app.conf``; keyword overrides to :func:`install` drop the prefix):
 
@@ -104,7 +111,7 @@ from celery import signals
 from .._client import Client, register_exit_flush
 from . import _signals
 from ._options import ConfigError, Options
-from ._signals import REGISTRY, Installed
+from ._registry import REGISTRY, Installed
 
 __all__ = [
     "ConfigError",
@@ -121,6 +128,7 @@ _HANDLERS = (
     (signals.task_postrun, _signals._on_task_postrun),
     (signals.task_failure, _signals._on_task_failure),
     (signals.task_retry, _signals._on_task_retry),
+    (signals.task_internal_error, _signals._on_task_internal_error),
     (signals.task_received, _signals._on_task_received),
     (signals.worker_init, _signals._on_worker_init),
     (signals.worker_process_init, _signals._on_worker_process_init),

@@ -4,13 +4,30 @@ Wire format (version 1)
 -----------------------
 One message header at the top level of the task message:
 
-* ``task_scopes``: compact JSON
-  ``{"v": 1, "d": distinct_id, "s": session_id, "w": window_id, "t": {tags}}``; keys that
-  have no value are left out; a context with nothing in it writes no header. ``w`` is
-  posthog-js's window ID (``$window_id``), added after the first release: a header without
-  it decodes as before.
+* ``task_scopes``: compact JSON, keys sorted, every field but ``v`` optional:
+
+  =====  ====================================================================
+  key    value
+  =====  ====================================================================
+  ``v``  version, the integer 1
+  ``d``  distinct ID (string)
+  ``s``  session ID (string)
+  ``w``  window ID (string): posthog-js's ``$window_id``; added after the first
+         release
+  ``t``  tags: an object of property name -> JSON value
+  ``g``  groups: an object of group type -> group key (string or integer), the
+         event property ``$groups``; added after the first release
+  ``p``  publish time: Unix epoch milliseconds (integer) when the producer
+         published this message, turned into ``celery_queue_latency_ms`` by the
+         worker; added after the first release
+  =====  ====================================================================
+
+  A field that has no value is left out; a context with nothing in it writes only ``v``
+  and ``p``, and nothing at all when the message already carries a context (the
+  caller's own ``task_scopes`` header, or PostHog's headers), which then stands.
 * ``task_scopes_sig``: hex HMAC-SHA256 of the exact ``task_scopes`` string under the
-  ``task_scopes_secret`` setting, written only when a secret is set.
+  ``task_scopes_secret`` setting, written only when a secret is set (it covers every
+  field, ``p`` and ``g`` included).
 
 Why top level only: a top-level key reaches the worker as ``request.task_scopes`` on the
 first run and on every retry. A nested ``headers["headers"]`` dict (the workaround for
@@ -20,24 +37,29 @@ keys from ``request.headers`` and makes ``retry()`` drop the user's own top-leve
 Read order in the worker: ``request.task_scopes``, then ``request.headers["task_scopes"]``
 (eager ``apply(headers=...)``, other producers), then PostHog's ``X-POSTHOG-DISTINCT-ID`` /
 ``X-POSTHOG-SESSION-ID`` / ``X-POSTHOG-CONTEXT-TAGS``, so producers that run PostHog's own
-Celery integration interoperate.
+Celery integration interoperate (those carry no groups and no publish time).
 
 Version rule: a worker ignores fields it does not know, and accepts headers without the
-fields it does know (every field is optional); ``v`` changes only when the meaning of an
-existing field does, and a worker refuses a version it does not know.
+fields it does know (every field but ``v`` is optional); ``v`` changes only when the
+meaning of an existing field does, and a worker refuses a version it does not know. So
+``g`` and ``p`` were added without a new version: a worker older than them ignores them
+(its tasks get no groups and no queue latency), and a newer worker reads an older
+producer's headers (no groups, no latency).
 
 Caps (:class:`Limits`, settings ``task_scopes_max_*``): the header is at most 8 KiB, at
 most 64 tags, keys at most 200 characters, string tags at most 1,000 characters (a longer
 one is dropped and named; strings nested in lists and objects are cut), control characters
-stripped. Over a cap, tags are dropped largest first until it fits, and a warning names
-them; the task is always published. A distinct or session ID that does not fit is left
-out, never cut (a cut ID would attribute events to somebody else). ``celery_*`` and ``$``
-keys never travel: they describe one task or one event, not its caller. Tag values are
-made JSON-safe by :func:`task_scopes._json.coerce` (bytes only with
-``task_scopes_encode_bytes``).
+stripped. Group types follow the key cap and string group keys the value cap; a group over
+either is dropped and named, never cut. Over a cap, tags are dropped largest first until
+it fits, then the groups, and a warning names them; the task is always published. A
+distinct or session ID that does not fit is left out, never cut (a cut ID would attribute
+events to somebody else). ``celery_*`` and ``$`` keys never travel: they describe one task
+or one event, not its caller. Tag values are made JSON-safe by
+:func:`task_scopes._json.coerce` (bytes only with ``task_scopes_encode_bytes``).
 
 The worker treats the header as untrusted input: a decode error, a wrong type or a bad
 signature makes the task run with an empty context and logs a warning; nothing raises.
+``p`` is the producer's clock: the latency compares two hosts' clocks.
 """
 
 from __future__ import annotations
@@ -45,6 +67,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -63,6 +86,7 @@ __all__ = [
     "Limits",
     "WireContext",
     "WireError",
+    "clean_groups",
     "clean_tags",
     "decode",
     "decode_posthog",
@@ -102,12 +126,15 @@ class WireError(ValueError):
 
 @dataclass(frozen=True)
 class WireContext:
-    """A context as carried between processes."""
+    """A context as carried between processes; ``groups`` maps group type -> group key,
+    ``published_ms`` is the producer's publish time in Unix epoch milliseconds."""
 
     distinct_id: str | None = None
     session_id: str | None = None
     tags: Mapping[str, Any] | None = None
     window_id: str | None = None
+    groups: Mapping[str, str | int] | None = None
+    published_ms: int | None = None
 
 
 def _propagated(key: str) -> bool:
@@ -175,6 +202,34 @@ def clean_tags(
     return out, dropped
 
 
+def clean_groups(
+    groups: Mapping[Any, Any], limits: Limits = DEFAULT_LIMITS
+) -> tuple[dict[str, str | int], list[str]]:
+    """Groups as they may travel: group type -> group key, control characters stripped.
+
+    Returns ``(groups, dropped)``: the groups kept and the ``$groups.<type>`` names of
+    those dropped because the type is not a string or is over ``limits.max_key_chars``, or
+    the key is not a string or an integer, is empty, or is a string over
+    ``limits.max_value_chars`` (a cut group key would name another group).
+    """
+    out: dict[str, str | int] = {}
+    dropped: list[str] = []
+    for group_type, key in groups.items():
+        if not isinstance(group_type, str):
+            dropped.append("$groups." + repr(group_type)[:50])
+            continue
+        group_type = strip_control(group_type)
+        if isinstance(key, str) and len(key) <= limits.max_value_chars:
+            key = clean_str(key, limits.max_value_chars)
+        elif type(key) is not int:
+            key = ""
+        if not group_type or len(group_type) > limits.max_key_chars or key == "":
+            dropped.append("$groups." + group_type[:50])
+            continue
+        out[group_type] = key
+    return out, dropped
+
+
 def _dumps_dropping(payload: dict[str, Any], dropped: list[str]) -> str:
     """``_dumps(payload)``; tags JSON cannot write (ints over CPython's 4,300-digit
     limit, say) are dropped one by one and named, rather than losing the whole context."""
@@ -198,16 +253,32 @@ def encode(
     session_id: str | None,
     tags: Mapping[str, Any],
     limits: Limits = DEFAULT_LIMITS,
+    *,
     window_id: str | None = None,
+    groups: Mapping[str, Any] | None = None,
+    published_ms: int | None = None,
 ) -> tuple[str, list[str]]:
     """Encode a context as the ``task_scopes`` header value.
 
+    Args:
+        groups: group type -> group key (``$groups``); see :func:`clean_groups`.
+        published_ms: the publish time, Unix epoch milliseconds (int); None leaves ``p``
+            out.
+
     Returns ``(header, dropped)``: the compact JSON string, never over
-    ``limits.max_bytes`` UTF-8 bytes, and the tag keys left out (unencodable, or dropped
-    largest first to fit the caps). Never raises for tag values.
+    ``limits.max_bytes`` UTF-8 bytes, and the tag keys (``$groups.<type>`` for groups)
+    left out (unencodable, or dropped largest first to fit the caps). Never raises for
+    tag or group values.
     """
     clean, dropped = clean_tags(tags, limits)
     payload: dict[str, Any] = {"v": VERSION}
+    if groups:
+        kept, dropped_groups = clean_groups(groups, limits)
+        dropped += dropped_groups
+        if kept:
+            payload["g"] = kept
+    if published_ms is not None:
+        payload["p"] = published_ms
     did = _clean_id(distinct_id, limits)
     sid = _clean_id(session_id, limits)
     if did is not None:
@@ -245,9 +316,14 @@ def encode(
         if not clean:
             payload.pop("t", None)
         header = _dumps(payload)
-    # IDs alone over the cap: leave them out rather than cut them. A cut distinct ID would
-    # attribute the task's events to somebody else; none makes them personless.
-    for field_name, label in (("w", "$window_id"), ("s", "$session_id"), ("d", "$distinct_id")):
+    # Groups and IDs alone over the cap: leave them out rather than cut them. A cut distinct
+    # ID would attribute the task's events to somebody else; none makes them personless.
+    for field_name, label in (
+        ("g", "$groups"),
+        ("w", "$window_id"),
+        ("s", "$session_id"),
+        ("d", "$distinct_id"),
+    ):
         if len(header.encode()) <= limits.max_bytes:
             break
         if payload.pop(field_name, None) is not None:
@@ -304,15 +380,28 @@ def decode(
     tags = payload.get("t", {})
     if not isinstance(tags, dict):
         raise WireError("tags are not an object")
+    groups = payload.get("g", {})
+    if not isinstance(groups, dict):
+        raise WireError("groups are not an object")
+    published = payload.get("p")
+    if published is not None and (
+        type(published) not in (int, float) or not math.isfinite(published)
+    ):
+        raise WireError("publish time is not a number")
     context = _received(
         payload.get("d"), payload.get("s"), tags, limits, "distinct ID", "session ID"
     )
     window_id = payload.get("w")
-    if window_id is None:
-        return context
-    if not isinstance(window_id, str):
+    if window_id is not None and not isinstance(window_id, str):
         raise WireError("window ID is not a string")
-    return replace(context, window_id=_clean_id(window_id, limits))
+    if not groups and published is None and window_id is None:
+        return context
+    return replace(
+        context,
+        window_id=None if window_id is None else _clean_id(window_id, limits),
+        groups=clean_groups(groups, limits)[0] or None,
+        published_ms=None if published is None else int(published),
+    )
 
 
 def _received(

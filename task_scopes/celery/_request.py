@@ -83,7 +83,8 @@ def read_context(
 
 def task_tags(task: Any, request: Any) -> dict[str, Any]:
     """The tags describing this execution: ``celery_task_id``, ``celery_task_name``,
-    ``celery_queue``, ``celery_retry_count``, ``celery_hostname`` (when known)."""
+    ``celery_queue`` (see :func:`_queue`), ``celery_retry_count``, ``celery_hostname``
+    (when known)."""
     fields = _fields(request)
     tags: dict[str, Any] = {
         "celery_task_id": fields.get("id"),
@@ -92,10 +93,43 @@ def task_tags(task: Any, request: Any) -> dict[str, Any]:
     }
     delivery_info = fields.get("delivery_info")
     if isinstance(delivery_info, Mapping):
-        queue = delivery_info.get("routing_key")
-        if queue:
+        queue = _queue(task, delivery_info)
+        if queue is not None:
             tags["celery_queue"] = queue
     hostname = fields.get("hostname")
     if hostname:
         tags["celery_hostname"] = hostname
     return tags
+
+
+def _queue(task: Any, delivery_info: Mapping[str, Any]) -> str | None:
+    """The name of the queue the message came through, when its routing names one.
+
+    The default exchange (``""``) routes to the queue named by the routing key. Through
+    another exchange the routing key is not a queue name: the queue is named only when
+    exactly one queue the app declares (``app.amqp.queues``) is bound with that exchange
+    and routing key (its own, or one of its ``bindings``). None otherwise (a topic
+    pattern, a fanout, an eager run without routing options). sentry-python keeps to the
+    default-exchange rule only.
+    """
+    routing_key = delivery_info.get("routing_key")
+    if not routing_key or not isinstance(routing_key, str):
+        return None
+    exchange = delivery_info.get("exchange")
+    if exchange == "":
+        return routing_key
+    if not exchange:
+        return None
+    try:
+        queues = task.app.amqp.queues
+    except AttributeError:
+        return None
+    found = [name for name, queue in queues.items() if _bound(queue, exchange, routing_key)]
+    return found[0] if len(found) == 1 else None
+
+
+def _bound(queue: Any, exchange: str, routing_key: str) -> bool:
+    for bound in (queue, *(getattr(queue, "bindings", None) or ())):
+        if bound.routing_key == routing_key and getattr(bound.exchange, "name", None) == exchange:
+            return True
+    return False

@@ -1,28 +1,34 @@
 """One ``_on_<signal_name>`` per Celery signal; every handler runs inside the guard.
 
-State lives in :data:`REGISTRY` (installed apps and their options) and in a few bounded
-per-process structures; nothing here grows with the number of tasks.
+State lives in :data:`~task_scopes.celery._registry.REGISTRY` (installed apps and their
+options) and in a few bounded per-process structures; nothing here grows with the number
+of tasks.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from celery import _state
-from celery.exceptions import Ignore, Reject, Retry
+from celery.exceptions import Retry
 
 from .. import _api, _defaults
-from .._client import Client, flush_all
+from .._client import flush_all
 from .._internal import RateLimitedLog, guard, logger
-from .._scope import Scope, enter_scope, exit_scope, get_global_scope, merged_context
+from .._scope import (
+    Scope,
+    enter_scope,
+    exit_scope,
+    merged_context,
+    merged_groups,
+)
+from ._failure import NOT_CAPTURED, capture_failure, expected, summary, wanted
 from ._header import (
     HEADER,
     POSTHOG_DISTINCT_ID,
@@ -35,7 +41,7 @@ from ._header import (
     encode,
     sign,
 )
-from ._options import Options
+from ._registry import REGISTRY, Installed
 from ._request import CARRIED, carried_headers, read_context, task_tags
 
 __all__ = ["REGISTRY", "Installed"]
@@ -45,94 +51,8 @@ _RUN_ATTR = "_task_scopes_run"
 _GUARD_BEFORE_TASK_PUBLISH = guard("before_task_publish")
 _GUARD_TASK_PRERUN = guard("task_prerun")
 _GUARD_TASK_POSTRUN = guard("task_postrun")
-_NOT_CAPTURED = (Retry, Ignore, Reject)
-
-
-# One client per distinct (api_key, host, client options): apps with equal settings share it.
-_app_clients: dict[tuple[Any, ...], Client] = {}
-
-
-@dataclass(frozen=True)
-class Installed:
-    """What ``install()`` decided for one app: its options and the caps of its header."""
-
-    options: Options
-    limits: Limits
-
-    @functools.cached_property
-    def client_key(self) -> tuple[Any, ...] | None:
-        """What makes two apps' clients the same; None without an API key."""
-        options = self.options
-        if options.api_key is None:
-            return None
-        return (options.api_key, options.host, tuple(options.client_options().items()))
-
-    def client(self) -> Client | None:
-        """The client to bind to this app's task runs; None without an API key (the
-        scopes' client applies). The client of ``task_scopes.init()`` when it has the same
-        API key and host, else one made from these options on first use."""
-        options = self.options
-        if options.api_key is None:
-            return None
-        bound = get_global_scope().client
-        if bound is not None and bound.api_key == options.api_key and bound.host == options.host:
-            return bound
-        key = self.client_key
-        assert key is not None
-        client = _app_clients.get(key)
-        if client is None:
-            with REGISTRY.lock:
-                client = _app_clients.get(key)
-                if client is None:
-                    # Flushed at exit by flush_at_exit() below, within the app's
-                    # task_scopes_shutdown_timeout.
-                    client = Client(options.api_key, options.host, **options.client_options())
-                    _app_clients[key] = client
-        return client
-
-
-@dataclass
-class _Registry:
-    apps: weakref.WeakKeyDictionary[Any, Installed] = field(
-        default_factory=weakref.WeakKeyDictionary
-    )
-    last: Installed | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def unused_client(self, installed: Installed | None) -> Client | None:
-        """Forget the client made for ``installed`` when no installed app shares its
-        settings any more, and return it for the caller to shut down outside the lock.
-        Call with :attr:`lock` held."""
-        key = installed.client_key if installed is not None else None
-        if key is None or any(i.client_key == key for i in self.apps.values()):
-            return None
-        return _app_clients.pop(key, None)
-
-    def for_task(self, task: Any) -> Installed | None:
-        app = getattr(task, "app", None) if task is not None else None
-        return self.apps.get(app) if app is not None else None
-
-    def for_publish(self, task_name: Any) -> Installed | None:
-        """The options for publishing ``task_name``, or None when its app is not installed.
-
-        ``before_task_publish`` does not say which app publishes. The app that registers
-        the task decides; a task no app registers (``send_task("name")``) goes with the
-        current app if it is installed, else the last installed one.
-        """
-        active = _state._get_active_apps()
-        if len(active) == 1 and len(self.apps) == 1 and self.last is not None:
-            return self.last  # the usual process: one app, installed; it is the publisher
-        registering = [app for app in active if task_name in getattr(app, "_tasks", ())]
-        for app in registering:
-            found = self.apps.get(app)
-            if found is not None:
-                return found
-        if registering:
-            return None
-        return self.apps.get(_state.get_current_app()) or self.last
-
-
-REGISTRY = _Registry()
+_LATENCY = "celery_queue_latency_ms"
+_CONTEXT_HEADERS = (HEADER, POSTHOG_DISTINCT_ID, POSTHOG_SESSION_ID, POSTHOG_TAGS)
 
 
 @dataclass
@@ -140,6 +60,13 @@ class _Run:
     tokens: Any
     started: float
     installed: Installed
+    isolation: Scope
+    current: Scope
+
+
+# The eager run whose exception is escaping apply() (task_eager_propagates / throw=True),
+# from its task_postrun to the task_internal_error Celery sends next, in the same thread.
+_escaping = threading.local()
 
 
 class _Bounded(OrderedDict[str, Any]):
@@ -157,13 +84,15 @@ class _Bounded(OrderedDict[str, Any]):
 
 # Worker main process only: headers of received tasks, for failures reported there without
 # the task's request (hard time limit: Request.on_timeout fires task_failure with an empty
-# request), and the task ids already captured there (Celery 5.7 fires task_failure twice
-# for a hard time limit).
+# request), the task ids already captured there (Celery 5.7 fires task_failure twice for a
+# hard time limit), and the worker's Requests while they live (their time_start dates a
+# run for the latency).
 _received = _Bounded(4096)
 # Only a prefork pool reports failures in the main process (hard time limit, lost child);
 # under solo, threads, gevent or eventlet the task's own request has its headers.
 _keep_received = True
 _captured_in_main = _Bounded(4096)
+_live_requests: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 _bad_header_log = RateLimitedLog(60.0)
 _dropped_logs: dict[frozenset[str], RateLimitedLog] = {}
 
@@ -172,6 +101,7 @@ def reset_process_state() -> None:
     """Forget the main process's bounded maps (called in a fresh pool child)."""
     _received.clear()
     _captured_in_main.clear()
+    _live_requests.clear()
 
 
 def _warn_dropped(keys: list[str], limits: Limits) -> None:
@@ -204,19 +134,31 @@ def _on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) -
 
 
 def _inject(installed: Installed, headers: dict[str, Any], *, posthog: bool) -> None:
-    """Write the caller's context into ``headers`` as a published task carries it.
+    """Write the caller's context and the publish time into ``headers`` as a published
+    task carries them.
 
-    Nothing is written when ``propagate`` is off or the context is empty (so a caller's
-    own ``apply_async(headers={"task_scopes": ...})`` stands).
+    Nothing is written when ``propagate`` is off, or when the context is empty and the
+    message already carries a context (the caller's own ``apply_async(headers=...)``, or
+    PostHog's integration's ``X-POSTHOG-*`` headers): that one stands.
     """
     options = installed.options
     if not options.propagate:
         return
     context = merged_context(include_global=False)
-    if not (context.distinct_id or context.session_id or context.window_id or context.tags):
+    groups = merged_groups(include_global=False)
+    empty = not (
+        context.distinct_id or context.session_id or context.window_id or context.tags or groups
+    )
+    if empty and any(name in headers for name in _CONTEXT_HEADERS):
         return
     header, dropped = encode(
-        context.distinct_id, context.session_id, context.tags, installed.limits, context.window_id
+        context.distinct_id,
+        context.session_id,
+        context.tags,
+        installed.limits,
+        window_id=context.window_id,
+        groups=groups,
+        published_ms=time.time_ns() // 1_000_000,
     )
     # Top level only, never headers["headers"]: see task_scopes.celery._header (celery#4875).
     headers[HEADER] = header
@@ -279,6 +221,26 @@ def _apply(scope: Scope, context: WireContext | None) -> None:
         scope.set_window_id(context.window_id)
     if context.tags:
         scope.update_tags(context.tags)
+    for group_type, group_key in (context.groups or {}).items():
+        scope.set_group(group_type, group_key)
+
+
+def _latency_ms(context: WireContext | None, started: float | None) -> int | None:
+    """Milliseconds from the producer's publish (its clock) to ``started`` (epoch seconds,
+    this host's clock), clamped at 0; None without both."""
+    if context is None or context.published_ms is None or started is None:
+        return None
+    return max(0, round(started * 1000) - context.published_ms)
+
+
+def _task_tags(
+    task: Any, request: Any, context: WireContext | None, started: Any
+) -> dict[str, Any]:
+    tags = task_tags(task, request)
+    latency = _latency_ms(context, started if isinstance(started, (int, float)) else None)
+    if latency is not None:
+        tags[_LATENCY] = latency
+    return tags
 
 
 def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
@@ -294,19 +256,23 @@ def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
             # encode -> decode path a published task takes (caps, propagate, signing), so
             # eager and worker runs give the same events by construction.
             _inject(installed, headers, posthog=False)
-        isolation = Scope()
-        _apply(isolation, _restore(installed, headers, request.id))
-        isolation.update_tags(task_tags(task, request))
+        isolation, current = Scope(), Scope()
+        context = _restore(installed, headers, request.id)
+        _apply(isolation, context)
+        isolation.update_tags(_task_tags(task, request, context, time.time()))
         client = installed.client()
         if client is not None:
             isolation.set_client(client)
-        run = _Run(enter_scope(isolation, Scope()), time.monotonic(), installed)
+        tokens = enter_scope(isolation, current)
+        run = _Run(tokens, time.monotonic(), installed, isolation, current)
         setattr(request, _RUN_ATTR, run)
-        if installed.options.task_events and _wanted(installed, task):
+        if installed.options.task_events and wanted(installed, task):
             _api.get_client().capture("celery task started", properties={"celery_state": "STARTED"})
 
 
-def _on_task_postrun(task: Any = None, sender: Any = None, state: Any = None, **_: Any) -> None:
+def _on_task_postrun(
+    task: Any = None, sender: Any = None, task_id: Any = None, state: Any = None, **_: Any
+) -> None:
     task = task if task is not None else sender
     if task is None:
         return
@@ -319,7 +285,7 @@ def _on_task_postrun(task: Any = None, sender: Any = None, state: Any = None, **
             if (
                 state == "SUCCESS"
                 and run.installed.options.task_events
-                and _wanted(run.installed, task)
+                and wanted(run.installed, task)
             ):
                 _api.get_client().capture(
                     "celery task success",
@@ -328,6 +294,11 @@ def _on_task_postrun(task: Any = None, sender: Any = None, state: Any = None, **
         finally:
             setattr(request, _RUN_ATTR, None)
             exit_scope(run.tokens)
+            if state is None and getattr(request, "is_eager", False):
+                # No state: an exception is escaping the trace (task_eager_propagates,
+                # apply(throw=True)); task_failure was not sent. Celery sends
+                # task_internal_error next, with the exception, from the same thread.
+                _escaping.run = (task_id, run)
 
 
 def _ms(run: _Run) -> float:
@@ -335,38 +306,6 @@ def _ms(run: _Run) -> float:
 
 
 # -- failures -------------------------------------------------------------------------------
-
-
-def _wanted(installed: Installed, task: Any) -> bool:
-    task_filter = installed.options.task_filter
-    if task_filter is None:
-        return True
-    try:
-        return bool(task_filter(getattr(task, "name", "")))
-    except Exception:
-        logger.exception("task_scopes: task_filter raised; capturing anyway")
-        return True
-
-
-def _expected(task: Any, exc: BaseException) -> bool:
-    if isinstance(exc, _NOT_CAPTURED):
-        return True
-    throws = getattr(task, "throws", ()) or ()
-    return bool(throws) and isinstance(exc, tuple(throws))
-
-
-def _capture_failure(installed: Installed, task: Any, exc: BaseException, run: _Run | None) -> None:
-    options = installed.options
-    if not _wanted(installed, task):
-        return
-    client = _api.get_client()
-    if options.capture_exceptions and not _expected(task, exc):
-        client.capture_exception(exc, mechanism="celery", handled=False)
-    if options.task_events:
-        props: dict[str, Any] = {"celery_state": "FAILURE", "celery_exception": type(exc).__name__}
-        if run is not None:
-            props["celery_duration_ms"] = _ms(run)
-        client.capture("celery task failure", properties=props)
 
 
 def _on_task_failure(
@@ -379,7 +318,7 @@ def _on_task_failure(
         request = sender.request
         run: _Run | None = getattr(request, _RUN_ATTR, None)
         if run is not None:  # in the process that ran the task, inside its scope
-            _capture_failure(installed, sender, exception, run)
+            capture_failure(installed, sender, exception, _ms(run))
             return
         # Worker main process: hard time limit or lost child. Rebuild the task's scope.
         if task_id is None or task_id in _captured_in_main:
@@ -390,13 +329,42 @@ def _on_task_failure(
         else:
             headers = _received.get(task_id) or {}
         isolation = Scope()
-        _apply(isolation, _restore(installed, headers, task_id))
-        isolation.update_tags(task_tags(sender, request))
+        context = _restore(installed, headers, task_id)
+        _apply(isolation, context)
+        # The worker's Request (alive: it is reporting this failure) knows when the child
+        # accepted the task, in epoch seconds.
+        started = getattr(_live_requests.get(task_id), "time_start", None)
+        isolation.update_tags(_task_tags(sender, request, context, started))
         isolation.set_tag("celery_task_id", task_id)
         isolation.set_client(installed.client())
         tokens = enter_scope(isolation, Scope())
         try:
-            _capture_failure(installed, sender, exception, None)
+            capture_failure(installed, sender, exception, None)
+        finally:
+            exit_scope(tokens)
+
+
+def _on_task_internal_error(
+    sender: Any = None, task_id: Any = None, exception: Any = None, **_: Any
+) -> None:
+    """An eager run's exception escaping ``apply()`` (``task_eager_propagates``,
+    ``apply(throw=True)``): Celery skips ``task_failure`` and sends this after
+    ``task_postrun``. Capture it as a worker would, in the run's own (reopened) scopes.
+    ``Retry`` escapes too (Celery raises it out of ``apply()`` in this mode instead of
+    running the next attempt): nothing is captured for it, as nothing failed."""
+    escaping = getattr(_escaping, "run", None)
+    if escaping is None:
+        return
+    _escaping.run = None
+    escaped_id, run = escaping
+    if escaped_id != task_id or not isinstance(exception, Exception):
+        return
+    with guard("task_internal_error"):
+        if isinstance(exception, NOT_CAPTURED):
+            return
+        tokens = enter_scope(run.isolation, run.current)
+        try:
+            capture_failure(run.installed, sender, exception, _ms(run))
         finally:
             exit_scope(tokens)
 
@@ -407,18 +375,21 @@ def _on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, 
         return
     with guard("task_retry"):
         options = installed.options
-        if not _wanted(installed, sender):
+        if not wanted(installed, sender):
             return
         cause = getattr(reason, "exc", None) if isinstance(reason, Retry) else reason
         client = _api.get_client()
         if (
             options.capture_retries
             and isinstance(cause, BaseException)
-            and not _expected(sender, cause)
+            and not expected(sender, cause)
         ):
             client.capture_exception(cause, mechanism="celery.retry", handled=False)
         if options.task_events:
-            client.capture("celery task retry", properties={"celery_state": "RETRY"})
+            props: dict[str, Any] = {"celery_state": "RETRY"}
+            if isinstance(cause, BaseException):  # the exc given to retry(), if any
+                props.update(summary(cause, installed.limits.max_value_chars))
+            client.capture("celery task retry", properties=props)
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
@@ -442,6 +413,11 @@ def _on_task_received(request: Any = None, **_: Any) -> None:
         found = {name: headers_of[name] for name in CARRIED if name in headers_of}
         if found:
             _received.put(task_id, found)
+        try:
+            # Weakly, so the entry goes with the request: its time_start dates the run.
+            _live_requests[task_id] = request
+        except TypeError:  # a request class without weak references
+            pass
 
 
 # -- process lifecycle ---------------------------------------------------------------------

@@ -1,8 +1,12 @@
-"""Tier 2: eager tasks (``task_always_eager``, ``.apply()``) fork the caller's scope and leak
-nothing back to it."""
+"""Tier 2: eager tasks (``task_always_eager``, ``.apply()``) see the caller's context as a
+worker would, leak nothing back to it, and report failures as a worker does, also when
+the exception propagates (``task_eager_propagates``)."""
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -10,7 +14,8 @@ from typing import Any
 
 import pytest
 from celery import Celery, Task
-from plugin_support import make_app
+from celery.exceptions import Retry
+from plugin_support import Postruns, make_app
 
 import task_scopes
 import task_scopes.celery
@@ -270,3 +275,124 @@ def test_eager_autoretry_sees_the_caller_each_attempt_and_is_captured_once(
     [event] = captured_events.named("$exception")
     assert event["properties"]["$exception_message"] == "attempt 2"
     assert event["distinct_id"] == "user-1"
+
+
+# -- task_eager_propagates: the exception escapes apply(), task_failure is never sent --------
+
+
+@pytest.fixture
+def propagating(tasks: Tasks) -> Iterator[Tasks]:
+    tasks.app.conf.task_eager_propagates = True
+    try:
+        yield tasks
+    finally:
+        tasks.app.conf.task_eager_propagates = False
+
+
+@pytest.mark.usefixtures("caller")
+def test_eager_propagates_captures_one_exception_with_the_task_tags_and_the_caller(
+    propagating: Tasks, captured_events: CapturedEvents
+) -> None:
+    with pytest.raises(KeyError) as raised:
+        propagating.fail.delay()
+    assert raised.value.args == ("no such order",)
+    [event] = captured_events.named("$exception")
+    props = event["properties"]
+    assert event["distinct_id"] == "user-1"
+    assert (props["$session_id"], props["plan"]) == ("sess-1", "pro")
+    assert props["celery_task_name"] == "eager.fail"
+    assert props["$exception_list"][0]["mechanism"] == {
+        "type": "celery",
+        "handled": False,
+        "synthetic": False,
+    }
+
+
+def test_eager_propagates_inside_new_context_is_captured_once_by_the_task(
+    propagating: Tasks, captured_events: CapturedEvents
+) -> None:
+    with pytest.raises(KeyError), task_scopes.new_context(fresh=True):
+        task_scopes.identify_context("user-1")
+        propagating.fail.delay()
+    [event] = captured_events.named("$exception")
+    assert event["properties"]["$exception_list"][0]["mechanism"]["type"] == "celery"
+    assert event["properties"]["celery_task_name"] == "eager.fail"
+
+
+@pytest.mark.usefixtures("caller")
+def test_apply_throw_true_is_captured_like_eager_propagates(
+    tasks: Tasks, captured_events: CapturedEvents
+) -> None:
+    with pytest.raises(KeyError):
+        tasks.fail.apply(throw=True)
+    [event] = captured_events.named("$exception")
+    assert event["properties"]["celery_task_name"] == "eager.fail"
+    assert event["distinct_id"] == "user-1"
+
+
+@pytest.mark.usefixtures("caller")
+def test_eager_propagates_closes_the_tasks_scope_in_task_postrun(
+    propagating: Tasks, postruns: Postruns
+) -> None:
+    before, isolation = seen(), task_scopes.get_isolation_scope()
+    with pytest.raises(KeyError):
+        result_id = "propagating-1"
+        propagating.fail.apply_async(task_id=result_id)
+    # Celery sends task_postrun (with no state) before the exception leaves apply().
+    assert postruns.wait(result_id) == ["None"]
+    assert task_scopes.get_isolation_scope() is isolation
+    assert seen() == before
+
+
+@pytest.mark.usefixtures("caller")
+def test_eager_propagates_a_nested_failure_is_captured_once_for_the_inner_task(
+    propagating: Tasks, captured_events: CapturedEvents
+) -> None:
+    @propagating.app.task(name="eager.fail_inside", shared=False)
+    def fail_inside() -> None:
+        task_scopes.tag("step", "outer")
+        propagating.fail.delay()
+
+    with pytest.raises(KeyError):
+        fail_inside.delay()
+    [event] = captured_events.named("$exception")
+    assert event["properties"]["celery_task_name"] == "eager.fail"
+    assert event["properties"]["step"] == "outer"
+
+
+@pytest.mark.usefixtures("caller")
+def test_eager_propagates_a_retry_escapes_as_celery_raises_it_and_is_not_captured(
+    propagating: Tasks, captured_events: CapturedEvents
+) -> None:
+    # Celery raises Retry out of apply() in this mode instead of running the next attempt.
+    with pytest.raises(Retry):
+        propagating.app.tasks["eager.autoretry"].delay()
+    assert [e["properties"]["attempt"] for e in captured_events.named("attempt")] == [0]
+    assert captured_events.named("$exception") == []
+
+
+# -- threads inside a task (the README's rule) -----------------------------------------------
+
+
+@pytest.mark.usefixtures("caller")
+def test_a_thread_inside_a_task_needs_a_copied_context(
+    tasks: Tasks, captured_events: CapturedEvents
+) -> None:
+    def in_thread() -> None:
+        task_scopes.tag("written_in_thread", True)
+        task_scopes.capture("from thread")
+
+    @tasks.app.task(name="eager.threads", shared=False)
+    def threads() -> dict[str, Any]:
+        for target in (in_thread, functools.partial(contextvars.copy_context().run, in_thread)):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+        return seen()
+
+    after = threads.delay().get()
+    plain, copied = captured_events.named("from thread")
+    assert plain["properties"]["$process_person_profile"] is False  # Python copies nothing
+    assert copied["distinct_id"] == "user-1"
+    assert copied["properties"]["celery_task_name"] == "eager.threads"
+    assert "written_in_thread" not in after["tags"]  # the copy's writes stay in the copy

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -100,7 +101,9 @@ def test_window_id_travels_even_alone_and_the_current_scope_overrides_it(app: Ce
         with task_scopes.new_scope() as scope:
             scope.set_window_id("win-2")
             overridden = publish(app)
-    assert json.loads(alone["task_scopes"]) == {"v": 1, "w": "win-1"}
+    alone_payload = json.loads(alone["task_scopes"])
+    assert isinstance(alone_payload.pop("p"), int)  # the publish time
+    assert alone_payload == {"v": 1, "w": "win-1"}
     assert decode(overridden["task_scopes"]).window_id == "win-2"
     # PostHog's Celery integration has no window header: none is written for it.
     assert not [key for key in alone if key.upper().startswith("X-POSTHOG")]
@@ -117,11 +120,45 @@ def test_global_tags_describe_the_producer_and_do_not_travel(app: Celery) -> Non
     assert "service" not in (decode(headers["task_scopes"]).tags or {})
 
 
-def test_no_header_when_the_caller_has_no_context(app: Celery) -> None:
+def test_a_caller_without_context_sends_only_the_publish_time(app: Celery) -> None:
     task_scopes.celery.install(app)
     with task_scopes.new_context(fresh=True):
+        before = time.time_ns() // 1_000_000
         headers = publish(app)
-    assert "task_scopes" not in headers
+        after = time.time_ns() // 1_000_000
+    payload = json.loads(headers["task_scopes"])
+    assert set(payload) == {"v", "p"}
+    assert before <= payload["p"] <= after
+
+
+@pytest.mark.parametrize(
+    "theirs",
+    [
+        {"task_scopes": '{"d":"from-caller","v":1}'},
+        {"X-POSTHOG-DISTINCT-ID": "ph-user"},
+    ],
+    ids=["ours", "posthog"],
+)
+def test_an_empty_context_leaves_a_context_the_caller_wrote(
+    app: Celery, theirs: dict[str, str]
+) -> None:
+    task_scopes.celery.install(app)
+    with task_scopes.new_context(fresh=True):
+        headers = publish(app, headers=theirs)
+    assert {key: headers.get(key) for key in theirs} == theirs
+    assert ("task_scopes" in headers) == ("task_scopes" in theirs)
+
+
+def test_groups_travel_and_global_groups_stay(app: Celery) -> None:
+    task_scopes.celery.install(app)
+    task_scopes.get_global_scope().set_group("region", "eu")
+    try:
+        with task_scopes.new_context(fresh=True):
+            task_scopes.set_context_groups({"company": "acme", "team": 7})
+            headers = publish(app)
+    finally:
+        task_scopes.get_global_scope().set_group("region", None)
+    assert decode(headers["task_scopes"]).groups == {"company": "acme", "team": 7}
 
 
 def test_celery_tags_of_a_running_task_do_not_travel(app: Celery) -> None:
@@ -131,7 +168,9 @@ def test_celery_tags_of_a_running_task_do_not_travel(app: Celery) -> None:
         task_scopes.tag("celery_task_id", "parent-task")
         task_scopes.tag("$set", {"x": 1})
         headers = publish(app)
-    assert json.loads(headers["task_scopes"]) == {"v": 1, "d": "user-1"}
+    payload = json.loads(headers["task_scopes"])
+    assert isinstance(payload.pop("p"), int)
+    assert payload == {"v": 1, "d": "user-1"}
 
 
 def test_the_users_own_headers_stay_beside_ours(app: Celery) -> None:

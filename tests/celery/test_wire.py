@@ -82,7 +82,7 @@ def test_window_id_is_cleaned_and_capped_like_the_other_ids() -> None:
 
 
 def test_over_a_small_cap_the_window_id_is_left_out_before_the_session_id() -> None:
-    header, dropped = encode("u" * 100, "s" * 100, {}, Limits(max_bytes=240), "w" * 100)
+    header, dropped = encode("u" * 100, "s" * 100, {}, Limits(max_bytes=240), window_id="w" * 100)
     assert len(header.encode()) <= 240
     assert dropped == ["$window_id"]
     assert decode(header) == WireContext("u" * 100, "s" * 100, {})

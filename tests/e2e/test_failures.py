@@ -186,6 +186,9 @@ def test_hard_time_limit_lost_child_and_soft_time_limit_are_captured_once_each(
         assert failure["distinct_id"] == f"{name}-{run_id}", name
         assert p["flow"] == name
         assert p["celery_task_name"] == task_name, name
+        # Also where the main process captures it: dated by the child's acceptance.
+        assert isinstance(p["celery_queue_latency_ms"], int), name
+        assert p["celery_queue_latency_ms"] >= 0, name
 
     # The soft limit is raised inside the task, in the child: its stack is the task's own.
     [soft_failure] = [e for e in capture_server.events if exceptions(task_id=soft.id)(e)]

@@ -21,6 +21,7 @@ from typing import Any
 
 from celery import Celery, Task, signals
 from celery.exceptions import Ignore, Reject
+from kombu import Exchange, Queue, binding
 
 import task_scopes
 from task_scopes import _scope
@@ -43,6 +44,23 @@ SECOND_API_KEY = "e2e_second_api_key"
 SERVE_SECOND = "e2e_serve_second"
 # "1": task_scopes.init() with the same key and host and a before_send that drops "email"
 INIT_SCRUBBER = "e2e_init_scrubber"
+# "1": the queue is bound through two more exchanges (see ROUTES), in the worker and in the
+# producer alike (make_app reads it)
+ROUTED = "e2e_routed"
+# (exchange, type, routing key) of those bindings
+ROUTES = (("e2e_direct", "direct", "e2e.routed"), ("e2e_topic", "topic", "e2e.events.#"))
+
+
+class HoldsALock(Exception):
+    """No class in its MRO pickles with these arguments, so Celery hands task_failure an
+    UnpickleableExceptionWrapper instead."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, threading.Lock())
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def make_app(
@@ -54,6 +72,11 @@ def make_app(
 ) -> Celery:
     """A Celery app with every e2e task registered, routed to ``queue`` by default."""
     app = Celery("e2e", broker=broker, backend=backend, set_as_current=False)
+    settings = dict(settings or {})
+    if settings.pop(ROUTED, False):
+        bindings = [binding(Exchange(name, kind), routing_key=key) for name, kind, key in ROUTES]
+        # Still reached through the default exchange ("") by its name, as every queue is.
+        app.conf.task_queues = [Queue(queue, bindings=bindings)]
     app.conf.update(
         task_default_queue=queue,
         broker_connection_retry_on_startup=True,
@@ -196,6 +219,16 @@ def _register_tasks(app: Celery) -> None:
     def reject(self: Task, label: str) -> None:
         _report(self, "e2e.before_raise", label)
         raise Reject("rejected on purpose", requeue=False)
+
+    @app.task(shared=False, name="e2e.unpicklable", bind=True)
+    def unpicklable(self: Task, label: str) -> None:
+        _report(self, "e2e.before_raise", label)
+        raise HoldsALock(f"lock held: {label}")
+
+    @app.task(shared=False, name="e2e.fail_with_groups", bind=True)
+    def fail_with_groups(self: Task, label: str) -> None:
+        task_scopes.capture("e2e.report", properties={"label": label}, groups={"project": "p1"})
+        raise ValueError(f"failing with groups: {label}")
 
     @app.task(shared=False, name="e2e.throws", bind=True, throws=(KeyError,))
     def throws(self: Task, label: str) -> None:
