@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
@@ -318,7 +319,7 @@ def _run(args: argparse.Namespace, folder: Path) -> int:
     else:
         if args.out:
             Path(args.out).write_text("")
-        demo.server = CaptureServer(out=args.out).start()
+        demo.server = _collector(args)
         host, api_key = demo.server.url, LOOPBACK_API_KEY
     env = demo.environment(host, api_key)
     os.environ.update(env)
@@ -436,6 +437,23 @@ def _checkout_all(
             step: app.AsyncResult(task_id) for step, task_id in answer.enqueued.items()
         }
     return results, rejected
+
+
+def _collector(args: argparse.Namespace) -> CaptureServer:
+    """The loopback collector; with ``--stop-collector-after N`` it refuses (503) every
+    request after the one that brought its N-th event, decided in its own thread, so the
+    outage starts at that point whatever the batching."""
+    stop_after = args.stop_collector_after
+    server: CaptureServer
+    refusing = threading.Event()
+
+    def on_event(_event: dict[str, Any]) -> None:
+        if not refusing.is_set() and len(server.events) >= stop_after:
+            refusing.set()
+            server.script(*[503] * 100_000)
+
+    server = CaptureServer(out=args.out, on_event=on_event if stop_after else None)
+    return server.start()
 
 
 def _finish_remote(

@@ -169,13 +169,14 @@ def test_demo_on_rabbitmq_attributes_every_event(amqp_url: str, tmp_path: Path) 
 @pytest.mark.slow
 def test_demo_says_what_was_lost_and_fails_when_the_collector_stops(tmp_path: Path) -> None:
     out = tmp_path / "events.jsonl"
-    # 3 events come from the web process; stop once the worker's have started arriving.
-    result = run_demo("--out", str(out), "--stop-collector-after", "5")
+    # 3 events come from the web process, flushed before the worker's first batch is due;
+    # the collector refuses everything after them.
+    result = run_demo("--out", str(out), "--stop-collector-after", "3")
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "OK:" not in result.stdout
     received = read_events(out)
-    assert 5 <= len(received) < TOTAL
+    assert 3 <= len(received) < TOTAL
     assert "the collector was stopped after" in result.stdout
     lost = TOTAL - len(received)
     assert f"lost: {lost} expected events never reached the collector" in result.stdout
