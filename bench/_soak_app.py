@@ -89,7 +89,10 @@ def work(expected: str, seq: int, hold: float = 0.0) -> int:
 
 
 def _report_stats(role: str) -> None:
-    stats = task_scopes.get_client().stats()._asdict()
+    # The app's client: task_scopes_api_key binds it to every task run of the app (made
+    # on first use, so a process that ran no task reports zeros).
+    client = task_scopes.celery.app_client(app)
+    stats = (client or task_scopes.get_client()).stats()._asdict()
     stats["role"] = role
     store().hset(key("stats"), str(os.getpid()), json.dumps(stats))
 
