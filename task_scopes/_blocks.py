@@ -129,8 +129,8 @@ def exit_keyed(key: object, where: str) -> None:
     """Exit the innermost block entered here under ``key``. Never raises.
 
     Blocks above it that were never exited here (a generator suspended inside one) go
-    with it. A Context holding no entry of ``key`` never entered it, so nothing of it is
-    active here: that is logged, and nothing changes.
+    with it. A Context holding no open entry of ``key`` has nothing of it active: that
+    is logged, and nothing changes.
     """
     try:
         entry = _open_var.get()
@@ -138,8 +138,9 @@ def exit_keyed(key: object, where: str) -> None:
             entry = entry.below
         if entry is None:
             _exit_log.warning(
-                "task_scopes: %s exited in a contextvars.Context that never entered it "
-                "(e.g. a generator finalized in another thread); nothing to restore there",
+                "task_scopes: %s exited in a contextvars.Context where it is not open "
+                "(entered elsewhere, e.g. a generator finalized in another thread, or an "
+                "enclosing block was exited first); nothing to restore there",
                 where,
             )
             return

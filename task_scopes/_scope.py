@@ -290,11 +290,11 @@ def exit_scope(tokens: Tokens, where: str = "scope") -> None:
         failed = _reset(_current_var, tokens.current, tokens.entered_current)
         if tokens.isolation is not None and tokens.entered_isolation is not None:
             failed = _reset(_isolation_var, tokens.isolation, tokens.entered_isolation) or failed
-        if failed:  # rare: the warning is rate-limited
+        if failed:
             _exit_log.warning(
                 "task_scopes: %s exited in another contextvars.Context than it was entered "
-                "in (e.g. an async generator closed from another task); the scope was "
-                "taken off where it was still active",
+                "in (e.g. an async generator closed from another task); its scope was "
+                "taken off here where it was still the active one",
                 where,
             )
     except Exception:
