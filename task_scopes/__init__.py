@@ -25,16 +25,9 @@ from ._api import (
     shutdown,
     tag,
 )
+from ._blocks import isolation_scope, new_scope, use_isolation_scope
 from ._client import Client, ClientStats
-from ._scope import (
-    Scope,
-    get_current_scope,
-    get_global_scope,
-    get_isolation_scope,
-    isolation_scope,
-    new_scope,
-    use_isolation_scope,
-)
+from ._scope import Scope, get_current_scope, get_global_scope, get_isolation_scope
 from ._transport import HttpTransport, InMemoryTransport, JsonlTransport, Transport
 from ._version import __version__
 

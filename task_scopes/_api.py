@@ -10,12 +10,13 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from . import _defaults
+from ._blocks import enter_keyed, exit_keyed
 from ._client import Client, register_exit_flush
+from ._generators import scoped_async_generator, scoped_generator
+from ._internal import guard
 from ._scope import (
     Scope,
     bound_client,
-    enter_scope,
-    exit_scope,
     fork_active,
     get_global_scope,
     get_isolation_scope,
@@ -47,6 +48,10 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 _DISABLED = Client(disabled=True)
+# Every public function runs its own work inside a guard: a failure of task_scopes is
+# logged and the call returns its "nothing happened" value; the caller's code goes on.
+_GUARD_API = guard("api")
+_GUARD_CAPTURE = guard("new_context capture_exception")
 
 
 def get_client() -> Client:
@@ -65,7 +70,11 @@ def get_client() -> Client:
             get_client().api_key            # "phc_other"
         get_client().api_key                # "phc_main"
     """
-    client = bound_client()
+    try:
+        client = bound_client()
+    except Exception:
+        _GUARD_API.failed()
+        client = None
     return client if client is not None else _DISABLED
 
 
@@ -89,9 +98,10 @@ def init(api_key: str | None = None, host: str | None = None, **client_options: 
     scope = get_global_scope()
     old = scope.client
     scope.set_client(client)
-    register_exit_flush()
-    if old is not None and old is not client and not old.disabled:
-        old.shutdown(timeout=client_options.get("timeout", _defaults.TIMEOUT))
+    with guard("init"):
+        register_exit_flush()
+        if old is not None and old is not client and not old.disabled:
+            old.shutdown(timeout=client_options.get("timeout", _defaults.TIMEOUT))
     return client
 
 
@@ -114,14 +124,18 @@ def capture(
         capture("order_processed")         # personless: no distinct ID out here
         capture("seat_added", groups={"company": "acme"})   # $groups: {"company": "acme"}
     """
-    return get_client().capture(
-        event,
-        distinct_id=distinct_id,
-        properties=properties,
-        timestamp=timestamp,
-        uuid=uuid,
-        groups=groups,
-    )
+    try:
+        return get_client().capture(
+            event,
+            distinct_id=distinct_id,
+            properties=properties,
+            timestamp=timestamp,
+            uuid=uuid,
+            groups=groups,
+        )
+    except Exception:
+        _GUARD_API.failed()
+        return None
 
 
 def capture_exception(
@@ -132,30 +146,61 @@ def capture_exception(
 ) -> str | None:
     """Capture an exception with :the client of :func:`get_client`; see
     :meth:`Client.capture_exception`."""
-    return get_client().capture_exception(exc, distinct_id=distinct_id, properties=properties)
+    try:
+        return get_client().capture_exception(exc, distinct_id=distinct_id, properties=properties)
+    except Exception:
+        _GUARD_API.failed()
+        return None
 
 
 def set(*, distinct_id: str | None = None, properties: Mapping[str, Any]) -> str | None:  # noqa: A001
     """Set person properties with the client of :func:`get_client` (``$set``)."""
-    return get_client().set(distinct_id=distinct_id, properties=properties)
+    try:
+        return get_client().set(distinct_id=distinct_id, properties=properties)
+    except Exception:
+        _GUARD_API.failed()
+        return None
 
 
 def set_once(*, distinct_id: str | None = None, properties: Mapping[str, Any]) -> str | None:
     """Set person properties where unset (``$set_once``), with :func:`get_client`'s
     client."""
-    return get_client().set_once(distinct_id=distinct_id, properties=properties)
+    try:
+        return get_client().set_once(distinct_id=distinct_id, properties=properties)
+    except Exception:
+        _GUARD_API.failed()
+        return None
 
 
 def flush(timeout: float | None = 10.0) -> int:
     """Flush the client of :func:`get_client`. timeout: seconds (float); None waits forever.
-    Returns the number of events still undelivered."""
-    return get_client().flush(timeout)
+    Returns the number of events still undelivered (when task_scopes itself failed, which
+    is logged: the events it holds)."""
+    client = get_client()
+    try:
+        return client.flush(timeout)
+    except Exception:
+        _GUARD_API.failed()
+        return _held(client)
 
 
 def shutdown(timeout: float | None = 10.0) -> int:
     """Flush and stop :the client of :func:`get_client`. timeout: seconds (float); None waits
-    forever. Returns the number of events still undelivered."""
-    return get_client().shutdown(timeout)
+    forever. Returns the number of events still undelivered (as :func:`flush`)."""
+    client = get_client()
+    try:
+        return client.shutdown(timeout)
+    except Exception:
+        _GUARD_API.failed()
+        return _held(client)
+
+
+def _held(client: Client) -> int:
+    try:
+        stats = client.stats()
+        return stats.queued + stats.in_flight
+    except Exception:
+        return 0
 
 
 # -- contexts --------------------------------------------------------------------------
@@ -183,22 +228,31 @@ class new_context:  # noqa: N801 - PostHog's name; a class so it is also a decor
             capture("b")                  # user-1, plan=pro
             with new_context(fresh=True):
                 capture("c")              # personless, no plan
+
+    One object may be entered any number of times, nested in itself and from many threads
+    or tasks at once: the tokens of each entry are kept in the Context that entered it. A
+    decorated generator or async generator function runs each resumption of its body in a
+    context of its own, closed when the generator finishes or is closed; the caller's
+    context is left untouched between resumptions. Entering and exiting never raise: an
+    exit in another ``contextvars.Context`` (an async generator closed from another task)
+    is logged and the scope is taken off where it is still active.
     """
 
-    __slots__ = ("_tokens", "capture_exceptions", "fresh")
+    __slots__ = ("capture_exceptions", "fresh")
 
     def __init__(self, fresh: bool = False, capture_exceptions: bool = True) -> None:
         self.fresh = fresh
         self.capture_exceptions = capture_exceptions
-        self._tokens: Any = None
+
+    def _scopes(self) -> tuple[Scope, Scope]:
+        return (Scope(), Scope()) if self.fresh else fork_active()
+
+    def _on_exception(self, exc: BaseException) -> None:
+        if self.capture_exceptions:
+            _capture_escaping(exc)
 
     def __enter__(self) -> Scope:
-        if self.fresh:
-            isolation, current = Scope(), Scope()
-        else:
-            isolation, current = fork_active()
-        self._tokens = enter_scope(isolation, current)
-        return isolation
+        return enter_keyed(self, self._scopes)
 
     def __exit__(
         self,
@@ -207,33 +261,48 @@ class new_context:  # noqa: N801 - PostHog's name; a class so it is also a decor
         tb: TracebackType | None,
     ) -> None:
         try:
-            if exc is not None and self.capture_exceptions and isinstance(exc, Exception):
-                get_client().capture_exception(exc, mechanism="new_context", handled=False)
+            if exc is not None:
+                self._on_exception(exc)
         finally:
-            tokens, self._tokens = self._tokens, None
-            exit_scope(tokens)
+            exit_keyed(self, "new_context")
 
     def __call__(self, func: F) -> F:
-        fresh, capture_exceptions = self.fresh, self.capture_exceptions
+        make = functools.partial(new_context, self.fresh, self.capture_exceptions)
+        if inspect.isasyncgenfunction(func):
+            return cast(F, scoped_async_generator(func, self._scopes, self._on_exception))
+        if inspect.isgeneratorfunction(func):
+            return cast(F, scoped_generator(func, self._scopes, self._on_exception))
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                with new_context(fresh, capture_exceptions):
+                with make():
                     return await func(*args, **kwargs)
 
             return cast(F, async_wrapper)
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with new_context(fresh, capture_exceptions):
+            with make():
                 return func(*args, **kwargs)
 
         return cast(F, wrapper)
 
 
+def _capture_escaping(exc: BaseException) -> None:
+    """Capture an ``Exception`` escaping a context (unhandled), once."""
+    if isinstance(exc, Exception):
+        try:
+            get_client().capture_exception(exc, mechanism="new_context", handled=False)
+        except Exception:
+            _GUARD_CAPTURE.failed()
+
+
 def scoped(fresh: bool = False, capture_exceptions: bool = True) -> Callable[[F], F]:
-    """Decorator: run each call of a sync or async function in its own :class:`new_context`.
+    """Decorator: run each call of a function in its own :class:`new_context`.
+
+    Sync and async functions, generator and async generator functions (the context is
+    active while the body runs, and closed when the generator finishes or is closed).
 
     Example::
 
@@ -277,19 +346,35 @@ def set_context_groups(groups: Mapping[str, str | int | None]) -> None:
 
 def get_tags() -> dict[str, Any]:
     """The merged tags seen here (global, then isolation, then current scope), a new dict."""
-    return merged_context()[2]
+    try:
+        return merged_context()[2]
+    except Exception:
+        _GUARD_API.failed()
+        return {}
 
 
 def get_context_distinct_id() -> str | None:
     """The distinct ID seen here (current -> isolation -> global), or None."""
-    return merged_context()[0]
+    try:
+        return merged_context()[0]
+    except Exception:
+        _GUARD_API.failed()
+        return None
 
 
 def get_context_session_id() -> str | None:
     """The session ID seen here (current -> isolation -> global), or None."""
-    return merged_context()[1]
+    try:
+        return merged_context()[1]
+    except Exception:
+        _GUARD_API.failed()
+        return None
 
 
 def get_context_groups() -> dict[str, str | int]:
     """The groups seen here (global, then isolation, then current scope), a new dict."""
-    return merged_groups()
+    try:
+        return merged_groups()
+    except Exception:
+        _GUARD_API.failed()
+        return {}

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-from . import _defaults
+from . import _defaults, _validate
 from ._consumer import Consumer, Counters
 from ._exceptions import exception_list, mark_captured
 from ._internal import RateLimitedLog, guard, logger
@@ -94,6 +94,11 @@ class Client:
         debug: log this client's captures and deliveries at DEBUG on the
             ``task_scopes.debug`` logger, which then also writes to stderr. Nothing
             process-wide changes: other clients log as before.
+
+    Raises:
+        TypeError / ValueError: an option of the wrong type or out of range, naming it
+            (counts are ints >= 1, ``max_retries`` >= 0; seconds finite and > 0; ``host``
+            an ``http(s)://`` URL with a host; ``api_key`` a non-empty string or None).
     """
 
     def __init__(
@@ -113,12 +118,23 @@ class Client:
         disabled: bool = False,
         debug: bool = False,
     ) -> None:
-        if flush_at < 1:
-            raise ValueError("flush_at must be >= 1")
-        if max_queue_size < 1:
-            raise ValueError("max_queue_size must be >= 1")
-        if flush_interval <= 0:
-            raise ValueError("flush_interval must be > 0")
+        api_key = _validate.optional_text("api_key", api_key)
+        host = _validate.http_url("host", host)
+        flush_at = _validate.count("flush_at", flush_at)
+        flush_interval = _validate.seconds("flush_interval", flush_interval)
+        max_queue_size = _validate.count("max_queue_size", max_queue_size)
+        timeout = _validate.seconds("timeout", timeout)
+        max_retries = _validate.optional_count("max_retries", max_retries)
+        retry_window = _validate.seconds("retry_window", retry_window)
+        gzip = _validate.boolean("gzip", gzip)
+        disabled = _validate.boolean("disabled", disabled)
+        debug = _validate.boolean("debug", debug)
+        before_send = _validate.optional_callable("before_send", before_send)
+        if transport is not None and not callable(getattr(transport, "send", None)):
+            raise TypeError(
+                "transport: expected a task_scopes.BaseTransport (an object with "
+                f"send(batch)), got {type(transport).__name__}"
+            )
         self.api_key = api_key
         self.host = host
         self.flush_at = flush_at

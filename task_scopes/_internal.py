@@ -8,6 +8,7 @@ swallows. Tests (and ``debug=True``) make it re-raise so a swallowed bug fails l
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from types import TracebackType
@@ -109,3 +110,10 @@ class guard:  # noqa: N801 - used as ``with guard("where"):``
             exc_info=(exc_type, exc, tb),
         )
         return True
+
+    def failed(self) -> None:
+        """In an ``except Exception:`` block: what leaving ``with self:`` would do. Logs
+        and returns (the caller goes on with a fallback), or re-raises under
+        :func:`set_reraise`. For hot paths, where a ``try`` costs less than a ``with``."""
+        if not self.__exit__(*sys.exc_info()):
+            raise  # the exception the caller is handling

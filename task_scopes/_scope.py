@@ -19,16 +19,29 @@ children and siblings from each other. The owner itself writes in place: a child
 not written yet still reads its parent's scope, including what the parent sets after
 spawning it. A child that must not see that opens its own ``new_context()`` (or writes)
 before the parent changes anything.
+
+Exits never raise. A block exited in another ``contextvars.Context`` than it was entered
+in (an async generator closed from another task, say) cannot reset its tokens there: the
+failure is logged (rate-limited) and, where the scope being left is still the active one,
+what was active before it is put back.
+
+After ``os.fork()`` the child starts with no isolation or current scope active, in every
+``contextvars.Context`` (also those copied before the fork); the global scope, and the
+client ``init()`` bound to it, are kept. Like posthog-python's contexts: a server that
+forks workers while a request's context is active must not attribute the workers' events
+to that request's user. A child that should go on with a scope is handed it explicitly
+(``use_isolation_scope(scope)``).
 """
 
 from __future__ import annotations
 
-import sys
-import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import os
+from collections.abc import Mapping
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ._internal import RateLimitedLog, guard
+from ._running import running_owner as _owner
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -37,6 +50,7 @@ __all__ = [
     "Scope",
     "Tokens",
     "active_isolation_scope",
+    "active_scopes",
     "bound_client",
     "enter_scope",
     "exit_scope",
@@ -44,32 +58,10 @@ __all__ = [
     "get_current_scope",
     "get_global_scope",
     "get_isolation_scope",
-    "isolation_scope",
     "merged_context",
     "merged_groups",
-    "new_scope",
     "override_client",
-    "use_isolation_scope",
 ]
-
-
-def _owner() -> object:
-    """The running asyncio task, else the running thread's ``Thread`` object.
-
-    Objects, not ``threading.get_ident()``: a scope keeps its owner alive, so the owner's
-    identity cannot be reused, whereas a dead thread's ident is handed to the next thread
-    (glibc reuses them at once) which would then write into the dead thread's scopes in
-    place, through every context copied from it. ``_get_running_loop()`` returns None
-    outside a loop where ``current_task()`` would raise; it is in ``asyncio.__all__``.
-    """
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is not None:
-        loop = asyncio._get_running_loop()
-        if loop is not None:
-            task = asyncio.current_task(loop)
-            if task is not None:
-                return task
-    return threading.current_thread()
 
 
 class Scope:
@@ -213,6 +205,11 @@ class Scope:
 _global_scope = Scope()
 _isolation_var: ContextVar[Scope | None] = ContextVar("task_scopes_isolation", default=None)
 _current_var: ContextVar[Scope | None] = ContextVar("task_scopes_current", default=None)
+# Bumped in a forked child, which also gets new ContextVars (see _clear_in_child).
+_generation = 0
+_exit_log = RateLimitedLog(60.0)
+_GUARD_GET = guard("get scope")
+_GUARD_EXIT = guard("exit scope")
 
 
 def _writable(var: ContextVar[Scope | None]) -> Scope:
@@ -241,7 +238,11 @@ def get_isolation_scope() -> Scope:
     running thread or task, so a ``tag()`` there is never a silent no-op and never leaks
     to a sibling.
     """
-    return _writable(_isolation_var)
+    try:
+        return _writable(_isolation_var)
+    except Exception:
+        _GUARD_GET.failed()  # our bug: logged; the caller writes into a detached scope
+        return Scope()
 
 
 def active_isolation_scope() -> Scope | None:
@@ -250,42 +251,93 @@ def active_isolation_scope() -> Scope | None:
     return _isolation_var.get()
 
 
+def active_scopes() -> tuple[Scope | None, Scope | None]:
+    """The isolation and current scopes active here (None where none is); neither
+    created nor forked."""
+    return _isolation_var.get(), _current_var.get()
+
+
 def get_current_scope() -> Scope:
     """The current scope of this thread or asyncio task, created on first use."""
-    return _writable(_current_var)
+    try:
+        return _writable(_current_var)
+    except Exception:
+        _GUARD_GET.failed()
+        return Scope()
 
 
 class Tokens(NamedTuple):
-    """What :func:`enter_scope` returns and :func:`exit_scope` takes."""
+    """What :func:`enter_scope` returns and :func:`exit_scope` takes: the ContextVar
+    tokens (no isolation token when only the current scope was entered), the scopes
+    entered, and the process generation (see ``os.fork()`` in the module docstring)."""
 
-    isolation: Token[Scope | None]
+    isolation: Token[Scope | None] | None
     current: Token[Scope | None]
+    entered_isolation: Scope | None
+    entered_current: Scope
+    generation: int
 
 
-def enter_scope(isolation: Scope, current: Scope | None = None) -> Tokens:
-    """Make ``isolation`` (and ``current``, default a new empty scope) active here.
+def enter_scope(isolation: Scope | None, current: Scope | None = None) -> Tokens:
+    """Make ``isolation`` (None: leave the isolation scope as it is) and ``current``
+    (default a new empty scope) active here; the running thread or task owns them.
 
-    Returns the tokens :func:`exit_scope` needs; that pair restores exactly what was active
+    Returns the tokens :func:`exit_scope` needs; they restore exactly what was active
     before, whatever happened in between. Used where a ``with`` block cannot span the
     work, e.g. Celery's ``task_prerun`` / ``task_postrun``.
     """
-    me = _owner()
-    isolation._owner = me
     if current is None:
         current = Scope()
+    me = _owner()
+    iso_token = None
+    if isolation is not None:
+        isolation._owner = me
+        iso_token = _isolation_var.set(isolation)
     current._owner = me
-    return Tokens(_isolation_var.set(isolation), _current_var.set(current))
+    return Tokens(iso_token, _current_var.set(current), isolation, current, _generation)
 
 
-def exit_scope(tokens: Tokens) -> None:
+def _reset(var: ContextVar[Scope | None], token: Token[Scope | None], entered: Scope) -> bool:
+    """``var.reset(token)``; True when that failed: the token belongs to another Context
+    or was used already. Then, if ``entered`` is still the active scope here, the value
+    before it is put back; otherwise this Context is left alone (it may be one that never
+    saw the block, e.g. a generator finalized by the garbage collector in another thread).
+    """
+    try:
+        var.reset(token)
+        return False
+    except (ValueError, RuntimeError, LookupError):
+        if var.get() is entered:
+            previous = token.old_value
+            var.set(None if previous is Token.MISSING else previous)
+        return True
+
+
+def exit_scope(tokens: Tokens, where: str = "scope") -> None:
     """Restore what was active before the :func:`enter_scope` that returned ``tokens``.
 
-    Raises:
-        ValueError / RuntimeError: from ``ContextVar.reset`` when the tokens were already
-            used or belong to another ``contextvars.Context``.
+    Never raises. Tokens of another ``contextvars.Context`` (or used already) are logged,
+    rate-limited, and the scopes they entered are taken off where still active. Tokens
+    from before an ``os.fork()`` are ignored in the child, which starts with none active.
+
+    Args:
+        where: what is exited, for the log line (``"new_context"``, ``"task_postrun"``).
     """
-    _current_var.reset(tokens.current)
-    _isolation_var.reset(tokens.isolation)
+    try:
+        if tokens.generation != _generation:
+            return
+        failed = _reset(_current_var, tokens.current, tokens.entered_current)
+        if tokens.isolation is not None and tokens.entered_isolation is not None:
+            failed = _reset(_isolation_var, tokens.isolation, tokens.entered_isolation) or failed
+        if failed:
+            _exit_log.warning(
+                "task_scopes: %s exited in another contextvars.Context than it was entered "
+                "in (e.g. an async generator closed from another task); its scope was "
+                "taken off here where it was still the active one",
+                where,
+            )
+    except Exception:
+        _GUARD_EXIT.failed()
 
 
 def fork_active() -> tuple[Scope, Scope]:
@@ -297,53 +349,6 @@ def fork_active() -> tuple[Scope, Scope]:
         isolation.fork() if isolation is not None else Scope(),
         current.fork() if current is not None else Scope(),
     )
-
-
-@contextmanager
-def isolation_scope() -> Iterator[Scope]:
-    """Fork the isolation and current scopes for the block; yield the new isolation scope.
-
-    Example::
-
-        tag("plan", "pro")
-        with isolation_scope() as scope:
-            scope.set_tag("plan", "free")   # only inside the block
-        assert get_tags()["plan"] == "pro"
-    """
-    isolation, current = fork_active()
-    tokens = enter_scope(isolation, current)
-    try:
-        yield isolation
-    finally:
-        exit_scope(tokens)
-
-
-@contextmanager
-def new_scope() -> Iterator[Scope]:
-    """Fork the current scope for the block; yield it. The isolation scope is shared."""
-    current = _current_var.get()
-    forked = current.fork() if current is not None else Scope()
-    forked._owner = _owner()
-    token = _current_var.set(forked)
-    try:
-        yield forked
-    finally:
-        _current_var.reset(token)
-
-
-@contextmanager
-def use_isolation_scope(scope: Scope) -> Iterator[Scope]:
-    """Make an existing scope the isolation scope for the block (the current scope is forked).
-
-    The running thread or task becomes the scope's owner, so top-level setters write into
-    it rather than into a copy.
-    """
-    current = _current_var.get()
-    tokens = enter_scope(scope, current.fork() if current is not None else Scope())
-    try:
-        yield scope
-    finally:
-        exit_scope(tokens)
 
 
 class MergedContext(NamedTuple):
@@ -423,3 +428,18 @@ def bound_client() -> Client | None:
     if isolation is not None and isolation._client is not None:
         return isolation._client
     return _global_scope._client
+
+
+def _clear_in_child() -> None:
+    """After ``os.fork()``, in the child: no isolation or current scope is active, in any
+    Context. New ContextVars do that for every Context at once, copies made before the
+    fork included; tokens of the old ones are recognised by :data:`_generation`. (One
+    pair of ContextVars per fork of a process: bounded.)"""
+    global _isolation_var, _current_var, _generation
+    _generation += 1
+    _isolation_var = ContextVar("task_scopes_isolation", default=None)
+    _current_var = ContextVar("task_scopes_current", default=None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_clear_in_child)

@@ -262,6 +262,9 @@ class RequestScope:
             _api.get_client().capture_exception(exc, mechanism=self.mechanism, handled=False)
 
 
+_GUARD_ACTIVATE = guard("web enter_scope")
+
+
 class _Activation:
     __slots__ = ("_request_scope", "_tokens")
 
@@ -271,7 +274,10 @@ class _Activation:
 
     def __enter__(self) -> Scope:
         rs = self._request_scope
-        self._tokens = enter_scope(rs.isolation, rs._current)
+        try:
+            self._tokens = enter_scope(rs.isolation, rs._current)
+        except Exception:
+            _GUARD_ACTIVATE.failed()  # our bug: logged; the request runs unscoped
         return rs.isolation
 
     def __exit__(

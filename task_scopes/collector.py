@@ -237,9 +237,13 @@ class CaptureServer:
         """Listen (again, on the same port after :meth:`stop`). Returns self."""
         if self._server is not None:
             return self
-        if self._out_path is not None and self._out is None:
-            self._out = open(self._out_path, "a", encoding="utf-8")  # noqa: SIM115
         server = ThreadingHTTPServer(("127.0.0.1", self._port), make_handler(self))
+        if self._out_path is not None and self._out is None:
+            try:
+                self._out = open(self._out_path, "a", encoding="utf-8")  # noqa: SIM115
+            except BaseException:
+                server.server_close()  # no half-started server holding the port
+                raise
         server.daemon_threads = True
         self._port = server.server_address[1]
         self._server = server
@@ -372,7 +376,12 @@ class CaptureServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the collector until interrupted. Prints ``listening on URL`` once ready."""
+    """Run the collector until interrupted. Prints ``listening on URL`` once ready.
+
+    Returns 0 after an interrupt. A port out of range or in use, or an ``--out`` file that
+    cannot be opened for appending, prints one line naming the problem on stderr and
+    returns 2 (argparse's own usage errors exit 2 too).
+    """
     parser = argparse.ArgumentParser(
         prog="python -m task_scopes.collector",
         description="Loopback collector speaking PostHog's capture API.",
@@ -380,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0: any)")
     parser.add_argument("--out", default="events.jsonl", help="JSON lines file to append to")
     args = parser.parse_args(argv)
-    server = CaptureServer(args.port, out=args.out).start()
+    server = _start(parser.prog, args.port, args.out)
+    if server is None:
+        return 2
     print(f"listening on {server.url} writing {args.out}", flush=True)
     try:
         while True:
@@ -391,6 +402,24 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
     print(f"received {len(server.events)} events ({server.duplicates} duplicates)", file=sys.stderr)
     return 0
+
+
+def _start(prog: str, port: int, out: str) -> CaptureServer | None:
+    """The started server, or None after printing why it cannot start."""
+    problem = None
+    if not 0 <= port <= 65535:
+        problem = f"--port {port}: expected 0 to 65535"
+    else:
+        try:
+            return CaptureServer(port, out=out).start()
+        except OSError as exc:  # the port is bound first, then the file opened
+            reason = exc.strerror or str(exc)
+            if exc.filename is not None:
+                problem = f"--out {out}: cannot append to it: {reason}"
+            else:
+                problem = f"--port {port}: cannot listen on 127.0.0.1:{port}: {reason}"
+    print(f"{prog}: error: {problem}", file=sys.stderr)
+    return None
 
 
 if __name__ == "__main__":

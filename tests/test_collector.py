@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -167,6 +168,49 @@ def test_cli_exits_cleanly_on_interrupt_and_reports_its_count(tmp_path: Path) ->
         code, err = _stop(running)
     assert code == 0
     assert "received 1 events (0 duplicates)" in err
+
+
+def _cli_error(*args: str) -> tuple[int, list[str], str]:
+    """Run the CLI expecting it to refuse to start: (exit code, stderr lines, stdout)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "task_scopes.collector", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return result.returncode, result.stderr.splitlines(), result.stdout
+
+
+def test_cli_port_in_use_prints_one_line_and_exits_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = tmp_path / "events.jsonl"
+        code, err, stdout = _cli_error("--port", str(port), "--out", str(out))
+    assert code == 2
+    assert len(err) == 1, err
+    assert err[0].startswith("python -m task_scopes.collector: error: --port")
+    assert f"127.0.0.1:{port}" in err[0] and "in use" in err[0]
+    assert stdout == ""
+    assert not out.exists()  # nothing created for a collector that never ran
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_cli_port_out_of_range_prints_one_line_and_exits_2(port: str) -> None:
+    code, err, _ = _cli_error(f"--port={port}", "--out", "unused.jsonl")
+    assert code == 2
+    assert err == [f"python -m task_scopes.collector: error: --port {port}: expected 0 to 65535"]
+
+
+@pytest.mark.parametrize("where", ["a directory", "a missing directory"])
+def test_cli_unwritable_out_prints_one_line_and_exits_2(tmp_path: Path, where: str) -> None:
+    out = tmp_path if where == "a directory" else tmp_path / "missing" / "events.jsonl"
+    code, err, _ = _cli_error("--port", "0", "--out", str(out))
+    assert code == 2
+    assert len(err) == 1, err
+    assert err[0].startswith(f"python -m task_scopes.collector: error: --out {out}: ")
+    assert "Traceback" not in err[0]
 
 
 # -- CaptureServer -------------------------------------------------------------------------

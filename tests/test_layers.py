@@ -14,11 +14,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "task_scopes"
 
 CORE = [
     "task_scopes._api",
+    "task_scopes._blocks",
     "task_scopes._client",
     "task_scopes._consumer",
+    "task_scopes._generators",
     "task_scopes._json",
+    "task_scopes._running",
     "task_scopes._scope",
     "task_scopes._transport",
+    "task_scopes._validate",
     "task_scopes._web",
     "task_scopes.testing",
     "task_scopes.collector",

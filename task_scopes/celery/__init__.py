@@ -109,6 +109,7 @@ from typing import Any
 from celery import signals
 
 from .._client import Client, register_exit_flush
+from .._internal import guard
 from . import _signals
 from ._options import ConfigError, Options
 from ._registry import REGISTRY, Installed
@@ -171,7 +172,8 @@ def install(app: Any, **overrides: Any) -> Options:
         register_exit_flush(_signals.shutdown_timeout())
         stale = REGISTRY.unused_client(previous)
     if stale is not None:
-        stale.shutdown(timeout=options.shutdown_timeout)
+        with guard("install: shutting down the replaced client"):
+            stale.shutdown(timeout=options.shutdown_timeout)
     return options
 
 
@@ -193,7 +195,8 @@ def uninstall(app: Any) -> bool:
                 signal.disconnect(handler, dispatch_uid=_uid(signal))
         stale = REGISTRY.unused_client(installed)
     if stale is not None:
-        stale.shutdown(timeout=installed.options.shutdown_timeout)
+        with guard("uninstall: shutting down the app's client"):
+            stale.shutdown(timeout=installed.options.shutdown_timeout)
     return True
 
 

@@ -52,10 +52,12 @@ one is dropped and named; strings nested in lists and objects are cut), control 
 stripped. Group types follow the key cap and string group keys the value cap; a group over
 either is dropped and named, never cut. Over a cap, tags are dropped largest first until
 it fits, then the groups, and a warning names them; the task is always published. A
-distinct or session ID that does not fit is left out, never cut (a cut ID would attribute
-events to somebody else). ``celery_*`` and ``$`` keys never travel: they describe one task
-or one event, not its caller. Tag values are made JSON-safe by
-:func:`task_scopes._json.coerce` (bytes only with ``task_scopes_encode_bytes``).
+distinct, session or window ID longer than the string cap, or that does not fit the
+header, is left out, never cut (a cut ID would attribute events to somebody else); the
+worker refuses one over the cap the same way and keeps the rest. ``celery_*`` and ``$``
+keys never travel: they describe one task or one event, not its caller. Tag values are
+made JSON-safe by :func:`task_scopes._json.coerce` (bytes only with
+``task_scopes_encode_bytes``).
 
 The worker treats the header as untrusted input: a decode error, a wrong type or a bad
 signature makes the task run with an empty context and logs a warning; nothing raises.
@@ -70,10 +72,11 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from .. import _defaults
+from .._internal import RateLimitedLog
 from .._json import clean_str, clean_value, coerce, strip_control
 
 __all__ = [
@@ -103,6 +106,7 @@ POSTHOG_TAGS = "X-POSTHOG-CONTEXT-TAGS"
 VERSION = 1
 
 _DECODE_LIMIT = 256 * 1024  # refuse to parse anything larger, whatever the cap says
+_refused_log = RateLimitedLog(60.0)
 
 
 @dataclass(frozen=True)
@@ -146,14 +150,26 @@ def _propagated(key: str) -> bool:
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode
 
 
-def _clean_id(value: Any, limits: Limits) -> str | None:
+class _Refused(NamedTuple):
+    """An ID over the cap: left out, never cut (a cut ID is somebody else's)."""
+
+    chars: int
+
+
+def _clean_id(value: Any, limits: Limits) -> str | _Refused | None:
+    """The ID as it may travel (control characters stripped); :class:`_Refused` when it
+    is longer than ``limits.max_value_chars``; None when there is none."""
     if value is None:
         return None
     if not isinstance(value, str):
         value = str(value) if isinstance(value, (int, UUID)) else None
         if value is None:
             return None
-    return clean_str(value, limits.max_value_chars) or None
+    if not value.isprintable():
+        value = strip_control(value)
+    if len(value) > limits.max_value_chars:
+        return _Refused(len(value))
+    return value or None
 
 
 def clean_tags(
@@ -279,15 +295,16 @@ def encode(
             payload["g"] = kept
     if published_ms is not None:
         payload["p"] = published_ms
-    did = _clean_id(distinct_id, limits)
-    sid = _clean_id(session_id, limits)
-    if did is not None:
-        payload["d"] = did
-    if sid is not None:
-        payload["s"] = sid
-    wid = _clean_id(window_id, limits)
-    if wid is not None:
-        payload["w"] = wid
+    for field_name, label, value in (
+        ("d", "$distinct_id", distinct_id),
+        ("s", "$session_id", session_id),
+        ("w", "$window_id", window_id),
+    ):
+        cleaned = _clean_id(value, limits)
+        if isinstance(cleaned, _Refused):
+            dropped.append(label)
+        elif cleaned is not None:
+            payload[field_name] = cleaned
     if clean:
         payload["t"] = clean
     header = _dumps_dropping(payload, dropped)
@@ -396,9 +413,18 @@ def decode(
         raise WireError("window ID is not a string")
     if not groups and published is None and window_id is None:
         return context
+    wid = None if window_id is None else _clean_id(window_id, limits)
+    if isinstance(wid, _Refused):
+        _refused_log.warning(
+            "task_scopes: received window ID of %d characters, over the cap of %d; left out "
+            "(the rest of the context is kept)",
+            wid.chars,
+            limits.max_value_chars,
+        )
+        wid = None
     return replace(
         context,
-        window_id=None if window_id is None else _clean_id(window_id, limits),
+        window_id=wid,
         groups=clean_groups(groups, limits)[0] or None,
         published_ms=None if published is None else int(published),
     )
@@ -412,7 +438,8 @@ def _received(
     distinct_id_name: str,
     session_id_name: str,
 ) -> WireContext:
-    """Check the ID types of a received context, then clean and cap it like ours."""
+    """Check the ID types of a received context, then clean and cap it like ours: an ID
+    over the cap is refused (left out, logged), not cut, as on the publish side."""
     if distinct_id is not None and not isinstance(distinct_id, str):
         raise WireError(f"{distinct_id_name} is not a string")
     if session_id is not None and not isinstance(session_id, str):
@@ -420,7 +447,20 @@ def _received(
     clean, _ = clean_tags(tags, limits)
     if len(clean) > limits.max_tags:
         clean = dict(list(clean.items())[: limits.max_tags])
-    return WireContext(_clean_id(distinct_id, limits), _clean_id(session_id, limits), clean)
+    did = _clean_id(distinct_id, limits)
+    sid = _clean_id(session_id, limits)
+    for name, value in ((distinct_id_name, did), (session_id_name, sid)):
+        if isinstance(value, _Refused):
+            _refused_log.warning(
+                "task_scopes: received %s of %d characters, over the cap of %d; left out "
+                "(the rest of the context is kept)",
+                name,
+                value.chars,
+                limits.max_value_chars,
+            )
+    return WireContext(
+        did if isinstance(did, str) else None, sid if isinstance(sid, str) else None, clean
+    )
 
 
 def decode_posthog(

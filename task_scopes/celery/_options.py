@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .. import _defaults
+from .. import _defaults, _validate
 from ._header import Limits
 
 __all__ = ["PREFIX", "ConfigError", "Options"]
@@ -84,7 +84,7 @@ class Options:
             if name not in names:
                 raise ConfigError(f"install({name}=...): unknown option")
             raw[name] = (f"install({name}=...)", value)
-        values = {name: _validate(name, key, value) for name, (key, value) in raw.items()}
+        values = {name: _parse(name, key, value) for name, (key, value) in raw.items()}
         return cls(**values)
 
     @functools.cached_property
@@ -129,29 +129,29 @@ _POSITIVE_INTS = {
 _POSITIVE_FLOATS = {"flush_interval", "timeout", "retry_window", "shutdown_timeout"}
 
 
-def _validate(name: str, key: str, value: Any) -> Any:
+def _parse(name: str, key: str, value: Any) -> Any:
+    try:
+        return _check(name, key, value)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(str(exc)) from None
+
+
+def _check(name: str, key: str, value: Any) -> Any:
     if name in _BOOLS:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected True or False, got {type(value).__name__}")
-        return value
+        return _validate.boolean(key, value)
     if name in _POSITIVE_INTS:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key}: expected an integer >= 1, got {value!r}")
+        value = _validate.count(key, value)
         if name == "max_header_bytes" and value < 256:
             raise ConfigError(f"{key}: expected at least 256 bytes, got {value!r}")
         return value
     if name in _POSITIVE_FLOATS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"{key}: expected seconds > 0, got {value!r}")
-        return float(value)
+        return _validate.seconds(key, value)
     if name in {"api_key", "secret"}:
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigError(f"{key}: expected a non-empty string or None")
-        return value
+        return _validate.optional_text(key, value)
     if name == "host":
-        if not isinstance(value, str) or not value.startswith(("http://", "https://")):
-            raise ConfigError(f"{key}: expected an http(s) URL, got {value!r}")
-        return value
+        return _validate.http_url(key, value)
     if name == "task_filter":
         return _task_filter(key, value)
     raise ConfigError(f"{key}: unknown setting")  # pragma: no cover - names checked above

@@ -392,14 +392,18 @@ def _on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, 
             client.capture("celery task retry", properties=props)
 
 
+def _pool_keeps_received(pool: Any) -> bool:
+    """Whether a worker with this ``pool_cls`` (a class from the command line, or a name)
+    can report failures in its main process: prefork only. Decided without importing the
+    pool (gevent and eventlet must monkey-patch before their pool module is imported)."""
+    name = f"{pool.__module__}.{pool.__qualname__}" if isinstance(pool, type) else str(pool)
+    return "prefork" in name.lower()
+
+
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     global _keep_received
     with guard("worker_init"):
-        pool = getattr(sender, "pool_cls", None)
-        # A class (from the command line) or a name; resolved without importing the pool
-        # (gevent and eventlet must monkey-patch before their pool module is imported).
-        name = f"{pool.__module__}.{pool.__qualname__}" if isinstance(pool, type) else str(pool)
-        _keep_received = "prefork" in name.lower()
+        _keep_received = _pool_keeps_received(getattr(sender, "pool_cls", None))
 
 
 def _on_task_received(request: Any = None, **_: Any) -> None:
@@ -442,6 +446,8 @@ def _on_worker_process_shutdown(**_: Any) -> None:
 
 
 def _on_worker_shutdown(**_: Any) -> None:
+    global _keep_received
+    _keep_received = True  # the next worker of this process decides again
     with guard("worker_shutdown"):
         flush_at_exit()
 

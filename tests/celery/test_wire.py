@@ -75,9 +75,11 @@ def test_a_header_without_a_window_id_decodes_as_before() -> None:
     assert context.window_id is None
 
 
-def test_window_id_is_cleaned_and_capped_like_the_other_ids() -> None:
+def test_window_id_is_cleaned_and_refused_over_the_cap_like_the_other_ids() -> None:
     assert decode(encode(None, None, {}, window_id="wi\x00n\x1b-1")[0]).window_id == "win-1"
-    assert decode(encode(None, None, {}, window_id="w" * 5000)[0]).window_id == "w" * 1000
+    header, dropped = encode("u", None, {}, window_id="w" * 5000)
+    assert (decode(header).window_id, dropped) == (None, ["$window_id"])
+    assert decode('{"v":1,"d":"u","w":"%s"}' % ("w" * 5000)) == WireContext("u", None, {})
     assert decode('{"v":1,"w":"\\u0000"}').window_id is None
 
 
@@ -271,10 +273,29 @@ def test_control_characters_are_stripped_from_keys_values_and_ids() -> None:
     assert not any(ch in header for ch in "\x00\n\r\t\x1b\x7f\x85\x9f")
 
 
-def test_ids_are_capped_like_string_values() -> None:
-    context = decode(encode("u" * 5000, "s" * 5000, {})[0])
-    assert context.distinct_id == "u" * 1000
-    assert context.session_id == "s" * 1000
+def test_ids_over_the_string_cap_are_left_out_and_named_never_cut() -> None:
+    header, dropped = encode("u" * 5000, "s" * 1001, {"plan": "pro"})
+    assert _payload(header) == {"v": 1, "t": {"plan": "pro"}}
+    assert sorted(dropped) == ["$distinct_id", "$session_id"]
+    # at the cap exactly, the ID travels whole
+    assert decode(encode("u" * 1000, None, {})[0]).distinct_id == "u" * 1000
+
+
+@pytest.mark.parametrize("field", ["d", "s"])
+def test_a_received_id_over_the_cap_is_refused_and_the_rest_of_the_context_kept(
+    field: str,
+) -> None:
+    payload: dict[str, Any] = {"v": 1, "d": "user-1", "s": "session-1", "t": {"plan": "pro"}}
+    payload[field] = "x" * 100_000
+    context = decode(json.dumps(payload))
+    expected = {"d": "user-1", "s": "session-1"}
+    expected[field] = None  # type: ignore[assignment]
+    assert context == WireContext(expected["d"], expected["s"], {"plan": "pro"})
+
+
+def test_a_received_posthog_distinct_id_over_the_cap_is_refused_too() -> None:
+    context = decode_posthog("x" * 1001, "session-1", '{"plan":"pro"}')
+    assert context == WireContext(None, "session-1", {"plan": "pro"})
 
 
 def test_long_ids_never_push_the_header_over_a_small_cap() -> None:
@@ -462,7 +483,7 @@ def test_decode_applies_the_caps_to_what_it_receives() -> None:
     assert "too_long" not in context.tags
     assert all(len(v) <= 1000 for v in context.tags.values() if isinstance(v, str))
     assert "k" * 300 not in context.tags
-    assert context.distinct_id == "u" + "x" * 999
+    assert context.distinct_id is None  # over the cap: refused, never cut
 
 
 def test_decoded_tags_keep_every_key_when_under_the_caps() -> None:

@@ -107,7 +107,10 @@ def _clean_id(value: Any) -> str | None:
         return None
     if not isinstance(value, str):
         raise Invalid
-    return _clean_str(value) or None
+    cleaned = CONTROL.sub("", value)
+    if len(cleaned) > MAX_VALUE:  # over the cap: refused, never cut
+        return None
+    return cleaned or None
 
 
 def _ours(header: Any, signature: Any, secret: str | None) -> tuple[Any, ...]:
