@@ -11,6 +11,7 @@ from typing import Any, TypeVar, cast
 
 from . import _defaults
 from ._client import Client, register_exit_flush
+from ._internal import RateLimitedLog
 from ._scope import (
     Scope,
     bound_client,
@@ -240,8 +241,31 @@ def tag(key: str, value: Any) -> None:
 
     Tags become properties of every event captured in the context and travel with the
     tasks it publishes (see ``task_scopes.celery``).
+
+    Args:
+        key: the tag's name, a str. Any other key is refused: the tag is not set and a
+            warning names it (events of the context are captured as before).
+        value: any value; events convert it as they convert properties.
     """
+    if not isinstance(key, str):
+        _tag_log.warning(
+            "task_scopes: tag(%s, ...) was not set: a tag key must be a str, got %s",
+            _shown(key),
+            type(key).__qualname__,
+            key=type(key).__qualname__,
+        )
+        return
     get_isolation_scope().set_tag(key, value)
+
+
+_tag_log = RateLimitedLog(60.0)
+
+
+def _shown(value: Any) -> str:
+    try:
+        return repr(value)[:80]
+    except Exception:  # its own __repr__ raised
+        return f"<{type(value).__qualname__}>"
 
 
 def identify_context(distinct_id: str) -> None:

@@ -16,8 +16,10 @@ from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from . import _defaults
+from ._capture_rules import MAX_DISTINCT_ID_CHARS
 from ._consumer import Consumer, Counters
-from ._exceptions import exception_list, mark_captured
+from ._event import Refused, check_distinct_id, check_name, check_properties, check_uuid, freeze
+from ._exceptions import exception_list, exception_message, mark_captured
 from ._internal import RateLimitedLog, guard, logger
 from ._scope import merged_context
 from ._transport import HttpTransport, Transport
@@ -60,8 +62,8 @@ class ClientStats(NamedTuple):
 
     ``captured``: events accepted by ``capture()``; ``queued``: waiting for the consumer;
     ``in_flight``: in the batch being sent; ``delivered``; ``failed``: given up by the
-    transport; ``dropped``: refused (queue full, too large, unserializable,
-    ``before_send``).
+    transport; ``dropped``: refused by ``capture()`` (invalid, over 900 KiB,
+    unserializable, queue full, ``before_send``), which then returned None.
     """
 
     captured: int
@@ -146,7 +148,7 @@ class Client:
 
     def _reset(self) -> None:
         """Fresh per-process state: queue, locks, consumer (started lazily), counters."""
-        self._queue: deque[Event] = deque()
+        self._queue: deque[str] = deque()  # events frozen as JSON by capture()
         self._start_lock = threading.Lock()
         self._consumer: Consumer | None = None
         self._counters = Counters()
@@ -174,60 +176,131 @@ class Client:
     ) -> str | None:
         """Queue one event attributed from the active scopes. Never blocks, never raises.
 
+        The event is checked and serialized here, in the caller's thread: what the caller
+        changes in ``properties`` (or in a tag value) afterwards is not sent, and an
+        event PostHog would refuse is refused here, with a warning naming the mistake,
+        rather than costing the events batched with it.
+
         Args:
-            event: event name, e.g. ``"order_processed"``.
-            distinct_id: overrides the scopes' distinct ID for this event.
-            properties: event properties; they win over tags of the same name.
+            event: event name, a non-empty str, e.g. ``"order_processed"``.
+            distinct_id: overrides the scopes' distinct ID for this event (str; an int or
+                UUID is sent as str). Empty or whitespace: a personless event.
+            properties: event properties (a mapping); they win over tags of the same
+                name. Values are converted as the README's table says (non-finite floats
+                become null, dataclasses objects, ...).
             timestamp: when it happened (aware datetime or ISO 8601); default now, UTC.
-            uuid: event UUID (str); default a new UUIDv7. The collector dedupes on it.
+            uuid: event UUID (str or ``uuid.UUID``); default a new UUIDv7. The collector
+                dedupes on it.
 
         Returns:
-            The event UUID, or None when the client is disabled or dropped the event (the
-            reason is logged).
+            The event UUID (canonical form), or None when the client is disabled or the
+            event was refused: invalid name, distinct ID, properties or UUID, a circular
+            reference, over 900 KiB or nested deeper than PostHog accepts as JSON,
+            dropped by ``before_send``, or the queue is full. The reason is logged.
         """
         if self.disabled:
+            _warn_if_unconfigured(self)
             self._log.log(logging.DEBUG, "task_scopes: client disabled; event not sent")
             return None
         with _CAPTURE_GUARD:
-            ctx_distinct_id, session_id, props = merged_context()
-            if properties:
-                props.update(properties)
-            if session_id is not None and "$session_id" not in props:
-                props["$session_id"] = session_id
-            if distinct_id is None:
-                distinct_id = ctx_distinct_id
-            if distinct_id is None:
-                distinct_id = uuid7()
-                props.setdefault("$process_person_profile", False)
-            props["$lib"] = "task_scopes"
-            props["$lib_version"] = __version__
-            if timestamp is None:
-                ts = datetime.now(timezone.utc).isoformat()
-            elif isinstance(timestamp, datetime):
-                ts = timestamp.isoformat()
-            else:
-                ts = str(timestamp)
-            uid = uuid if uuid is not None else uuid7()
-            message: Event = {
-                "event": event,
-                "distinct_id": str(distinct_id),
-                "properties": props,
-                "timestamp": ts,
-                "uuid": uid,
-            }
-            if self.before_send is not None:
-                kept = self.before_send(message)
-                if kept is None:
-                    self._count_drop()
-                    logger.debug("task_scopes: before_send dropped event %r", event)
-                    return None
-                message = kept
-            if not self._enqueue(message):
+            try:
+                frozen = self._freeze(event, distinct_id, properties, timestamp, uuid)
+            except Refused as refused:
+                self._refuse("capture", event, refused)
                 return None
+            if frozen is None or not self._enqueue(frozen[0]):
+                return None
+            uid = frozen[1]
             if self.debug:
                 debug_logger.debug("task_scopes: %r captured event %r (%s)", self, event, uid)
             return uid
         return None
+
+    def _freeze(
+        self,
+        event: Any,
+        distinct_id: Any,
+        properties: Any,
+        timestamp: datetime | str | None,
+        uuid: Any,
+    ) -> tuple[str, str] | None:
+        """``(json, uuid)`` of the event, or None when ``before_send`` dropped it.
+
+        Raises :class:`Refused` for what the caller got wrong.
+        """
+        name = check_name(event)
+        properties = check_properties(properties)
+        uid = check_uuid(uuid) or uuid7()
+        ctx_distinct_id, session_id, props = merged_context()
+        if properties:
+            props.update(properties)
+        if session_id is not None and "$session_id" not in props:
+            props["$session_id"] = session_id
+        resolved = check_distinct_id(ctx_distinct_id if distinct_id is None else distinct_id)
+        if resolved is None:
+            resolved = uuid7()
+            props.setdefault("$process_person_profile", False)
+        elif len(resolved) > MAX_DISTINCT_ID_CHARS:
+            self._log.warning(
+                "task_scopes: a distinct_id of %d characters was captured; PostHog keeps "
+                "its first %d",
+                len(resolved),
+                MAX_DISTINCT_ID_CHARS,
+            )
+        props["$lib"] = "task_scopes"
+        props["$lib_version"] = __version__
+        if timestamp is None:
+            ts = datetime.now(timezone.utc).isoformat()
+        elif isinstance(timestamp, datetime):
+            ts = timestamp.isoformat()
+        else:
+            ts = str(timestamp)
+        message: Any = {
+            "event": name,
+            "distinct_id": resolved,
+            "properties": props,
+            "timestamp": ts,
+            "uuid": uid,
+        }
+        if self.before_send is not None:
+            message = self._before_send(message)
+            if message is None:
+                return None
+        return freeze(message), message["uuid"]
+
+    def _before_send(self, message: Event) -> Any:
+        """What ``before_send`` returns; None (dropped, and counted) when it raises."""
+        assert self.before_send is not None
+        name = message["event"]
+        try:
+            kept = self.before_send(message)
+        except Exception as exc:  # the user's callback: their mistake, not ours
+            self._count_drop()
+            self._log.log(
+                logging.WARNING,
+                "task_scopes: before_send raised %s on event %r; the event is dropped",
+                type(exc).__qualname__,
+                name[:100],
+                exc_info=True,
+                key=type(exc).__qualname__,
+            )
+            return None
+        if kept is None:
+            self._count_drop()
+            logger.debug("task_scopes: before_send dropped event %r", name[:100])
+        return kept
+
+    def _refuse(self, call: str, event: Any, refused: Refused) -> None:
+        """Count and log an event ``call`` (``"capture"``...) refused; a user mistake."""
+        self._count_drop()
+        shown = repr(event[:100]) if isinstance(event, str) else f"<{type(event).__qualname__}>"
+        self._log.warning(
+            "task_scopes: %s() refused event %s, nothing was sent: %s",
+            call,
+            shown,
+            refused,
+            key=(refused.kind, shown),
+        )
 
     def capture_exception(
         self,
@@ -240,7 +313,8 @@ class Client:
     ) -> str | None:
         """Capture ``exc`` (default: the one being handled) as an ``$exception`` event.
 
-        The same exception object is sent once however often it is captured.
+        The same exception object is sent once however often it is captured. An
+        exception whose ``str()`` raises is sent with a placeholder message.
 
         Args:
             exc: the exception; None takes ``sys.exc_info()``.
@@ -248,12 +322,25 @@ class Client:
             handled: False when it escaped the user's code.
 
         Returns:
-            The event UUID; None when there is no exception, it was captured before, or
-            the client is disabled or dropped the event.
+            The event UUID; None when there is no exception, ``exc`` is not an exception
+            (logged), it was captured before, or the client is disabled or refused the
+            event (see :meth:`capture`).
         """
         if exc is None:
             exc = sys.exc_info()[1]
         if exc is None or self.disabled:
+            return None
+        if not isinstance(exc, BaseException):
+            self._refuse(
+                "capture_exception",
+                "$exception",
+                Refused(f"it needs an exception, got {type(exc).__qualname__}", "exception"),
+            )
+            return None
+        try:
+            properties = check_properties(properties)
+        except Refused as refused:
+            self._refuse("capture_exception", "$exception", refused)
             return None
         with guard("capture_exception"):
             if not mark_captured(exc):
@@ -261,7 +348,7 @@ class Client:
             props: dict[str, Any] = {
                 "$exception_list": exception_list(exc, mechanism=mechanism, handled=handled),
                 "$exception_type": type(exc).__name__,
-                "$exception_message": str(exc)[:2_000],
+                "$exception_message": exception_message(exc),
             }
             if properties:
                 props.update(properties)
@@ -285,7 +372,7 @@ class Client:
         with counters.cv:
             counters.dropped += 1
 
-    def _enqueue(self, message: Event) -> bool:
+    def _enqueue(self, item: str) -> bool:
         queue = self._queue
         if len(queue) >= self.max_queue_size:
             self._count_drop()
@@ -293,7 +380,7 @@ class Client:
                 "task_scopes: queue full (%d events); dropping new events", self.max_queue_size
             )
             return False
-        queue.append(message)
+        queue.append(item)
         consumer = self._consumer
         if consumer is None:
             consumer = self._start()
@@ -314,7 +401,16 @@ class Client:
                 )
                 consumer.start()
                 self._consumer = consumer
+                # whatever made this client (init(), the Celery plugin, the user), what
+                # it queues is flushed at exit
+                register_exit_flush()
             return self._consumer
+
+    def last_failure(self) -> str | None:
+        """Why the transport's last delivery attempt failed (cause and host), or None
+        when it succeeded or the transport does not say."""
+        note = getattr(self.transport, "last_failure", None)
+        return note if isinstance(note, str) else None
 
     # -- flush / shutdown ----------------------------------------------------------
 
@@ -366,6 +462,23 @@ class Client:
             )
 
 
+_unconfigured_warned = False
+
+
+def _warn_if_unconfigured(client: Client) -> None:
+    """Once per process: say that events go nowhere because no client has an API key
+    (a client disabled on purpose, with a key, stays quiet)."""
+    global _unconfigured_warned
+    if _unconfigured_warned or client.api_key is not None or client.transport is not None:
+        return
+    _unconfigured_warned = True
+    logger.warning(
+        "task_scopes: capture() sent nothing: no client with an API key is set up here. "
+        "Call task_scopes.init(api_key=..., host=...) at start-up, or set "
+        "task_scopes_api_key in the Celery app's config (logged once per process)"
+    )
+
+
 def _enable_debug_logging() -> None:
     if not debug_logger.handlers:
         debug_logger.addHandler(logging.StreamHandler())
@@ -381,6 +494,10 @@ def live_clients() -> list[Client]:
 def flush_all(timeout: float | None, *, stop: bool = False) -> int:
     """Flush every enabled client (``stop=True``: shut each down), within one deadline.
 
+    A client left with undelivered events is named in a warning, with how many and why
+    (the transport's last failure, or that the collector did not answer in time): this
+    runs on the exit paths, where nothing else would tell.
+
     Args:
         timeout: seconds (float) for all clients together; None waits forever.
         stop: shut the clients down after flushing (a later ``capture()`` restarts one).
@@ -392,17 +509,42 @@ def flush_all(timeout: float | None, *, stop: bool = False) -> int:
     left = 0
     for client in live_clients():
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        left += client.shutdown(remaining) if stop else client.flush(remaining)
+        undelivered = client.shutdown(remaining) if stop else client.flush(remaining)
+        if undelivered:
+            _warn_undelivered(client, undelivered, timeout)
+        left += undelivered
     return left
+
+
+def _warn_undelivered(client: Client, count: int, timeout: float | None) -> None:
+    failure = client.last_failure()
+    waited = "" if timeout is None else f" within {timeout:.1f} s"
+    reason = (
+        f"the last attempt failed: {failure}"
+        if failure
+        else f"the collector did not accept them{waited}"
+    )
+    logger.warning(
+        "task_scopes: %d event%s not delivered to %s at exit; %s",
+        count,
+        "" if count == 1 else "s",
+        _target(client),
+        reason,
+    )
+
+
+def _target(client: Client) -> str:
+    """Where ``client`` sends: the collector's origin (never credentials), or the
+    transport's class."""
+    origin = getattr(client.transport, "origin", None)
+    return origin if isinstance(origin, str) else type(client.transport).__qualname__
 
 
 _exit_flush_registered = False
 
 
 def _flush_at_exit() -> None:
-    left = flush_all(_defaults.SHUTDOWN_TIMEOUT, stop=True)
-    if left:
-        logger.warning("task_scopes: %d events undelivered at exit", left)
+    flush_all(_defaults.SHUTDOWN_TIMEOUT, stop=True)  # warns about what it could not send
 
 
 def register_exit_flush() -> None:

@@ -2,9 +2,17 @@
 
 ``python -m task_scopes.collector --port 8000 --out events.jsonl`` accepts ``POST /batch/``
 and ``POST /i/v0/e/`` (gzip or plain JSON) as PostHog does, and PostHog's capture v1
-``POST /i/v1/analytics/events`` (bearer key; gzip or deflate), validates the payload shape,
-de-duplicates by event UUID and writes one JSON event per line. It binds to 127.0.0.1
-only. It is not a replacement for PostHog in production.
+``POST /i/v1/analytics/events`` (bearer key; gzip or deflate), de-duplicates by event UUID
+and writes one JSON event per line. It binds to 127.0.0.1 only. It is not a replacement
+for PostHog in production.
+
+It refuses, with 400 and as a whole, any request PostHog's capture endpoint would
+refuse: invalid JSON or UTF-8, ``NaN``/``Infinity``, numbers beyond a 64-bit float,
+nesting deeper than 127, bodies over 20 MiB, a malformed API key, an empty batch, or one
+event with an empty or missing name, a missing or blank distinct ID, a malformed UUID,
+wrongly typed fields or over 1,000,000 bytes. The rules, and where in PostHog's capture
+service each comes from, are in ``task_scopes._capture_rules``; tests that send to this
+collector therefore see what production would do with the same events.
 
 In Python, :class:`CaptureServer` is the same server as a context manager, with the
 events kept in memory and a script of failures (statuses, ``Retry-After``, delays) to
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import io
 import json
 import socket
 import sys
@@ -27,6 +36,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
+
+from . import _capture_rules
 
 __all__ = ["CaptureServer", "Reply", "RequestRecord", "main"]
 
@@ -74,56 +85,42 @@ def _as_reply(item: int | Reply | tuple[int, Mapping[str, str]]) -> Reply:
 
 
 def _validate_event(event: Any) -> str | None:
-    if not isinstance(event, dict):
-        return "event is not an object"
-    if not isinstance(event.get("event"), str) or not event["event"]:
-        return "event name missing"
-    props = event.get("properties", {})
-    if not isinstance(props, dict):
-        return "properties is not an object"
-    distinct_id = event.get("distinct_id", props.get("distinct_id"))
-    if not isinstance(distinct_id, str) or not distinct_id:
-        return "distinct_id missing"
-    if "uuid" in event and not isinstance(event["uuid"], str):
-        return "uuid is not a string"
-    return None
+    """Why PostHog's capture endpoint would refuse ``event``, or None; the rules, read
+    from PostHog's capture service, are listed in ``task_scopes._capture_rules``."""
+    return _capture_rules.event_problem(event)
 
 
 def parse_payload(body: bytes, content_encoding: str | None) -> list[dict[str, Any]]:
-    """Decode a capture request body into its events.
+    """Decode a capture request body into its events, as strictly as PostHog's capture.
 
     Raises:
-        ValueError: not gzip/JSON, no ``api_key``, or an event of the wrong shape.
+        ValueError: not gzip/JSON, not UTF-8, ``NaN``/``Infinity`` or a number out of
+            range, nested deeper than 127, over 20 MiB, a missing or malformed API key,
+            no event, or one event PostHog refuses (an empty event name, a missing or
+            blank distinct ID, a malformed UUID...): the whole request is refused.
     """
     return _batch_payload(body, content_encoding)[1]
 
 
 def _batch_payload(body: bytes, content_encoding: str | None) -> tuple[str, list[dict[str, Any]]]:
     """``(api_key, events)`` of a ``/batch/``-shaped request; raises as :func:`parse_payload`."""
-    payload = json.loads(_decompress(body, content_encoding))
-    if not isinstance(payload, dict):
-        raise ValueError("payload is not an object")
-    api_key = payload.get("api_key") or payload.get("token")
-    if not isinstance(api_key, str):
-        raise ValueError("api_key missing")
-    events = payload.get("batch", [payload])
-    if not isinstance(events, list):
-        raise ValueError("batch is not a list")
-    for event in events:
-        problem = _validate_event(event)
-        if problem:
-            raise ValueError(problem)
-    return api_key, events
+    data = _decompress(body, content_encoding)
+    return _capture_rules.batch_events(_capture_rules.loads(data), body_bytes=len(data))
 
 
 def _decompress(body: bytes, content_encoding: str | None) -> bytes:
+    limit = _capture_rules.MAX_BODY_BYTES
     if content_encoding == "gzip" or body[:2] == b"\x1f\x8b":
-        return gzip.decompress(body)
-    if content_encoding == "deflate":
-        return zlib.decompress(body)
-    if content_encoding not in (None, "", "identity"):
+        data = gzip.GzipFile(fileobj=io.BytesIO(body)).read(limit + 1)
+    elif content_encoding == "deflate":
+        data = zlib.decompressobj().decompress(body, limit + 1)
+    elif content_encoding not in (None, "", "identity"):
         raise ValueError(f"unsupported Content-Encoding {content_encoding!r}")
-    return body
+    else:
+        data = body
+    if len(data) > limit:  # PostHog stops decompressing there too
+        raise ValueError(f"body over {limit} bytes")
+    return data
 
 
 def parse_v1_payload(
@@ -138,7 +135,10 @@ def parse_v1_payload(
     """
     if not authorization or not authorization.startswith("Bearer ") or not authorization[7:]:
         raise ValueError("Authorization: Bearer <api key> missing")
-    payload = json.loads(_decompress(body, content_encoding))
+    problem = _capture_rules.token_problem(authorization[7:])
+    if problem:
+        raise ValueError(problem)
+    payload = _capture_rules.loads(_decompress(body, content_encoding))
     if not isinstance(payload, dict) or not isinstance(payload.get("batch"), list):
         raise ValueError("batch missing")
     events = []
