@@ -18,7 +18,15 @@ from typing import Any, NamedTuple
 from . import _defaults
 from ._capture_rules import MAX_DISTINCT_ID_CHARS
 from ._consumer import Consumer, Counters
-from ._event import Refused, check_distinct_id, check_name, check_properties, check_uuid, freeze
+from ._event import (
+    Refused,
+    check_cookieless,
+    check_distinct_id,
+    check_name,
+    check_properties,
+    check_uuid,
+    freeze,
+)
 from ._exceptions import exception_list, exception_message, mark_captured
 from ._internal import RateLimitedLog, guard, logger
 from ._scope import merged_context
@@ -234,6 +242,7 @@ class Client:
         ctx_distinct_id, session_id, props = merged_context()
         if properties:
             props.update(properties)
+        check_cookieless(props)  # a tag could be it too
         if session_id is not None and "$session_id" not in props:
             props["$session_id"] = session_id
         resolved = check_distinct_id(ctx_distinct_id if distinct_id is None else distinct_id)
@@ -262,10 +271,11 @@ class Client:
             "timestamp": ts,
             "uuid": uid,
         }
-        if self.before_send is not None:
-            message = self._before_send(message)
-            if message is None:
-                return None
+        if self.before_send is None:
+            return freeze(message, check_fields=False), uid
+        message = self._before_send(message)
+        if message is None:
+            return None
         return freeze(message), message["uuid"]
 
     def _before_send(self, message: Event) -> Any:

@@ -29,6 +29,7 @@ from ._json import event_default, json_depth
 
 __all__ = [
     "Refused",
+    "check_cookieless",
     "check_distinct_id",
     "check_name",
     "check_properties",
@@ -51,7 +52,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _dropped_keys_log = RateLimitedLog(60.0)
 
 
-class Refused(ValueError):
+class Refused(Exception):
     """``capture()`` refuses an event; ``str()`` says what the caller got wrong.
 
     ``kind``: a short name of the rule (``"name"``, ``"size"``...), to rate-limit the log
@@ -106,6 +107,12 @@ def check_uuid(value: Any) -> str | None:
     raise Refused(f"uuid must be a UUID string, got {shown}", "uuid")
 
 
+def check_cookieless(props: Mapping[str, Any]) -> None:
+    """PostHog refuses a request where ``$cookieless_mode`` is there but not a bool."""
+    if not isinstance(props.get("$cookieless_mode", False), bool):
+        raise Refused("the $cookieless_mode property must be True or False", "cookieless")
+
+
 def check_properties(value: Any) -> Mapping[str, Any] | None:
     """``value`` if it is None or a mapping. Raises :class:`Refused`."""
     if value is None or isinstance(value, Mapping):
@@ -129,19 +136,25 @@ def _check_shape(message: Any) -> None:
         raise Refused(f"uuid must be a UUID string, got {uid!r:.60}", "shape")
     if not isinstance(message.get("timestamp"), str):
         raise Refused("timestamp must be an ISO 8601 str", "shape")
-    if not isinstance(props.get("$cookieless_mode", False), bool):
-        raise Refused("the $cookieless_mode property must be True or False", "cookieless")
+    check_cookieless(props)
 
 
-def freeze(message: Any) -> str:
+def freeze(message: Any, *, check_fields: bool = True) -> str:
     """The event ``message`` as the compact JSON string that will be sent.
+
+    Args:
+        message: the event dict.
+        check_fields: check the fields PostHog checks (name, distinct ID, UUID...);
+            False when they were built from values already checked (no ``before_send``
+            ran in between).
 
     Raises:
         Refused: PostHog would refuse it (see :func:`_check_shape`), it cannot be
             serialized (a circular reference, nested too deep), its JSON is over
             ``MAX_EVENT_BYTES`` (900 KiB) or nests deeper than ``MAX_EVENT_NESTING``.
     """
-    _check_shape(message)
+    if check_fields:
+        _check_shape(message)
     try:
         item = _encode(message)
     except RecursionError:
@@ -151,6 +164,8 @@ def freeze(message: Any) -> str:
             item = _encode_clean(_clean_event(message))
         except (ValueError, TypeError) as exc:  # an int over 4,300 digits
             raise Refused(f"cannot serialize a property: {exc}", "serialize") from None
+    except Exception as exc:  # a mapping's own items() (say) raised inside json
+        raise Refused(f"cannot serialize a property: {exc!r:.200}", "serialize") from None
     if item.isascii():
         size = len(item)
     else:
