@@ -2,38 +2,33 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import random
 import sys
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from . import _defaults
-from ._capture_rules import MAX_DISTINCT_ID_CHARS
 from ._consumer import Consumer, Counters
-from ._event import (
-    Refused,
-    check_cookieless,
-    check_distinct_id,
-    check_name,
-    check_properties,
-    check_uuid,
-    freeze,
-)
+from ._event import Refused, build, check_properties, freeze, uuid7
 from ._exceptions import exception_list, exception_message, mark_captured
+from ._exit import flush_all, live_clients, register_exit_flush
 from ._internal import RateLimitedLog, guard, logger
-from ._scope import merged_context
 from ._transport import HttpTransport, Transport
-from ._version import __version__
 
-__all__ = ["Client", "ClientStats", "Event", "flush_all", "register_exit_flush"]
+__all__ = [
+    "Client",
+    "ClientStats",
+    "Event",
+    "flush_all",
+    "live_clients",
+    "register_exit_flush",
+    "uuid7",
+]
 
 Event = dict[str, Any]
 BeforeSend = Callable[[Event], "Event | None"]
@@ -43,26 +38,6 @@ _clients_lock = threading.Lock()
 # A debug client's own log lines go here (and to stderr); other clients never touch it.
 debug_logger = logging.getLogger("task_scopes.debug")
 _CAPTURE_GUARD = guard("capture")
-_getrandbits = random.getrandbits  # reseeded after os.fork() by the random module
-
-
-def uuid7() -> str:
-    """A new UUIDv7 string (RFC 9562): 48-bit Unix milliseconds, then 74 random bits.
-
-    Time-ordered, as PostHog prefers for event UUIDs, and about four times cheaper than
-    ``str(uuid.uuid4())``, which reads ``os.urandom`` and builds a ``UUID`` per call. The
-    collector de-duplicates on it, which needs uniqueness, not unpredictability.
-    """
-    rand = _getrandbits(74)
-    value = (
-        (time.time_ns() // 1_000_000) << 80
-        | 0x7 << 76
-        | (rand >> 62) << 64
-        | 0x2 << 62
-        | (rand & 0x3FFF_FFFF_FFFF_FFFF)
-    )
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class ClientStats(NamedTuple):
@@ -236,47 +211,13 @@ class Client:
 
         Raises :class:`Refused` for what the caller got wrong.
         """
-        name = check_name(event)
-        properties = check_properties(properties)
-        uid = check_uuid(uuid) or uuid7()
-        ctx_distinct_id, session_id, props = merged_context()
-        if properties:
-            props.update(properties)
-        check_cookieless(props)  # a tag could be it too
-        if session_id is not None and "$session_id" not in props:
-            props["$session_id"] = session_id
-        resolved = check_distinct_id(ctx_distinct_id if distinct_id is None else distinct_id)
-        if resolved is None:
-            resolved = uuid7()
-            props.setdefault("$process_person_profile", False)
-        elif len(resolved) > MAX_DISTINCT_ID_CHARS:
-            self._log.warning(
-                "task_scopes: a distinct_id of %d characters was captured; PostHog keeps "
-                "its first %d",
-                len(resolved),
-                MAX_DISTINCT_ID_CHARS,
-            )
-        props["$lib"] = "task_scopes"
-        props["$lib_version"] = __version__
-        if timestamp is None:
-            ts = datetime.now(timezone.utc).isoformat()
-        elif isinstance(timestamp, datetime):
-            ts = timestamp.isoformat()
-        else:
-            ts = str(timestamp)
-        message: Any = {
-            "event": name,
-            "distinct_id": resolved,
-            "properties": props,
-            "timestamp": ts,
-            "uuid": uid,
-        }
-        if self.before_send is None:
-            return freeze(message, check_fields=False), uid
-        message = self._before_send(message)
-        if message is None:
+        message = build(event, distinct_id, properties, timestamp, uuid)
+        if self.before_send is None:  # built from checked values: only serialize
+            return freeze(message, check_fields=False), message["uuid"]
+        kept = self._before_send(message)
+        if kept is None:
             return None
-        return freeze(message), message["uuid"]
+        return freeze(kept), kept["uuid"]
 
     def _before_send(self, message: Event) -> Any:
         """What ``before_send`` returns; None (dropped, and counted) when it raises."""
@@ -367,15 +308,21 @@ class Client:
 
     def set(self, *, distinct_id: str | None = None, properties: Mapping[str, Any]) -> str | None:
         """Set person properties (``$set``) on the given or the scopes' distinct ID."""
-        return self.capture("$set", distinct_id=distinct_id, properties={"$set": dict(properties)})
+        return self._person("$set", distinct_id, properties)
 
     def set_once(
         self, *, distinct_id: str | None = None, properties: Mapping[str, Any]
     ) -> str | None:
         """Set person properties only where unset (``$set_once``)."""
-        return self.capture(
-            "$set", distinct_id=distinct_id, properties={"$set_once": dict(properties)}
-        )
+        return self._person("$set_once", distinct_id, properties)
+
+    def _person(self, kind: str, distinct_id: str | None, properties: Any) -> str | None:
+        try:
+            checked = check_properties(properties)
+        except Refused as refused:
+            self._refuse(kind.lstrip("$"), "$set", refused)
+            return None
+        return self.capture("$set", distinct_id=distinct_id, properties={kind: dict(checked or {})})
 
     def _count_drop(self) -> None:
         counters = self._counters
@@ -493,77 +440,6 @@ def _enable_debug_logging() -> None:
     if not debug_logger.handlers:
         debug_logger.addHandler(logging.StreamHandler())
     debug_logger.setLevel(logging.DEBUG)
-
-
-def live_clients() -> list[Client]:
-    """Every enabled client of this process that is still referenced."""
-    with _clients_lock:
-        return [client for client in _clients if not client.disabled]
-
-
-def flush_all(timeout: float | None, *, stop: bool = False) -> int:
-    """Flush every enabled client (``stop=True``: shut each down), within one deadline.
-
-    A client left with undelivered events is named in a warning, with how many and why
-    (the transport's last failure, or that the collector did not answer in time): this
-    runs on the exit paths, where nothing else would tell.
-
-    Args:
-        timeout: seconds (float) for all clients together; None waits forever.
-        stop: shut the clients down after flushing (a later ``capture()`` restarts one).
-
-    Returns:
-        The number of events still undelivered, summed over the clients.
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    left = 0
-    for client in live_clients():
-        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        undelivered = client.shutdown(remaining) if stop else client.flush(remaining)
-        if undelivered:
-            _warn_undelivered(client, undelivered, timeout)
-        left += undelivered
-    return left
-
-
-def _warn_undelivered(client: Client, count: int, timeout: float | None) -> None:
-    failure = client.last_failure()
-    waited = "" if timeout is None else f" within {timeout:.1f} s"
-    reason = (
-        f"the last attempt failed: {failure}"
-        if failure
-        else f"the collector did not accept them{waited}"
-    )
-    logger.warning(
-        "task_scopes: %d event%s not delivered to %s at exit; %s",
-        count,
-        "" if count == 1 else "s",
-        _target(client),
-        reason,
-    )
-
-
-def _target(client: Client) -> str:
-    """Where ``client`` sends: the collector's origin (never credentials), or the
-    transport's class."""
-    origin = getattr(client.transport, "origin", None)
-    return origin if isinstance(origin, str) else type(client.transport).__qualname__
-
-
-_exit_flush_registered = False
-
-
-def _flush_at_exit() -> None:
-    flush_all(_defaults.SHUTDOWN_TIMEOUT, stop=True)  # warns about what it could not send
-
-
-def register_exit_flush() -> None:
-    """Flush every client at interpreter exit (bounded; registered once per process)."""
-    global _exit_flush_registered
-    with _clients_lock:
-        if not _exit_flush_registered:
-            atexit.register(_flush_at_exit)
-            _exit_flush_registered = True
 
 
 def _after_fork_in_child() -> None:

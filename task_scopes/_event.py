@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
+import time
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
@@ -26,15 +29,19 @@ from . import _capture_rules
 from ._defaults import MAX_EVENT_BYTES, MAX_EVENT_NESTING
 from ._internal import RateLimitedLog
 from ._json import event_default, json_depth
+from ._scope import merged_context
+from ._version import __version__
 
 __all__ = [
     "Refused",
+    "build",
     "check_cookieless",
     "check_distinct_id",
     "check_name",
     "check_properties",
     "check_uuid",
     "freeze",
+    "uuid7",
 ]
 
 _encode = json.JSONEncoder(
@@ -49,7 +56,28 @@ _encode_clean = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
 ).encode
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_getrandbits = random.getrandbits  # reseeded after os.fork() by the random module
 _dropped_keys_log = RateLimitedLog(60.0)
+_long_id_log = RateLimitedLog(60.0)
+
+
+def uuid7() -> str:
+    """A new UUIDv7 string (RFC 9562): 48-bit Unix milliseconds, then 74 random bits.
+
+    Time-ordered, as PostHog prefers for event UUIDs, and about four times cheaper than
+    ``str(uuid.uuid4())``, which reads ``os.urandom`` and builds a ``UUID`` per call. The
+    collector de-duplicates on it, which needs uniqueness, not unpredictability.
+    """
+    rand = _getrandbits(74)
+    value = (
+        (time.time_ns() // 1_000_000) << 80
+        | 0x7 << 76
+        | (rand >> 62) << 64
+        | 0x2 << 62
+        | (rand & 0x3FFF_FFFF_FFFF_FFFF)
+    )
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Refused(Exception):
@@ -115,7 +143,7 @@ def check_cookieless(props: Mapping[str, Any]) -> None:
 
 def check_properties(value: Any) -> Mapping[str, Any] | None:
     """``value`` if it is None or a mapping. Raises :class:`Refused`."""
-    if value is None or isinstance(value, Mapping):
+    if value is None or type(value) is dict or isinstance(value, Mapping):
         return value
     raise Refused(f"properties must be a dict (mapping), got {_kind_of(value)}", "properties")
 
@@ -137,6 +165,58 @@ def _check_shape(message: Any) -> None:
     if not isinstance(message.get("timestamp"), str):
         raise Refused("timestamp must be an ISO 8601 str", "shape")
     check_cookieless(props)
+
+
+def build(
+    event: Any,
+    distinct_id: Any,
+    properties: Any,
+    timestamp: datetime | str | None,
+    uuid: Any,
+) -> dict[str, Any]:
+    """The event dict ``capture()`` makes of its arguments and the active scopes: the
+    scopes' tags, then ``properties``, ``$session_id``, ``$lib``; a personless event
+    (``$process_person_profile: false``, a fresh UUID as distinct ID) when there is no
+    distinct ID or it is blank.
+
+    Raises:
+        Refused: a name, distinct ID, UUID, properties or ``$cookieless_mode`` PostHog
+            would refuse.
+    """
+    name = check_name(event)
+    properties = check_properties(properties)
+    uid = check_uuid(uuid) or uuid7()
+    ctx_distinct_id, session_id, props = merged_context()
+    if properties:
+        props.update(properties)
+    check_cookieless(props)  # a tag could be it too
+    if session_id is not None and "$session_id" not in props:
+        props["$session_id"] = session_id
+    resolved = check_distinct_id(ctx_distinct_id if distinct_id is None else distinct_id)
+    if resolved is None:
+        resolved = uuid7()
+        props.setdefault("$process_person_profile", False)
+    elif len(resolved) > _capture_rules.MAX_DISTINCT_ID_CHARS:
+        _long_id_log.warning(
+            "task_scopes: a distinct_id of %d characters was captured; PostHog keeps its first %d",
+            len(resolved),
+            _capture_rules.MAX_DISTINCT_ID_CHARS,
+        )
+    props["$lib"] = "task_scopes"
+    props["$lib_version"] = __version__
+    if timestamp is None:
+        ts = datetime.now(timezone.utc).isoformat()
+    elif isinstance(timestamp, datetime):
+        ts = timestamp.isoformat()
+    else:
+        ts = str(timestamp)
+    return {
+        "event": name,
+        "distinct_id": resolved,
+        "properties": props,
+        "timestamp": ts,
+        "uuid": uid,
+    }
 
 
 def freeze(message: Any, *, check_fields: bool = True) -> str:
