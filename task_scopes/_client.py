@@ -167,7 +167,8 @@ class Client:
         Args:
             event: event name, a non-empty str, e.g. ``"order_processed"``.
             distinct_id: overrides the scopes' distinct ID for this event (str; an int or
-                UUID is sent as str). Empty or whitespace: a personless event.
+                UUID is sent as str). Empty or whitespace counts as None: the scopes'
+                distinct ID, else a personless event (as posthog-python).
             properties: event properties (a mapping); they win over tags of the same
                 name. Values are converted as the README's table says (non-finite floats
                 become null, dataclasses objects, ...).

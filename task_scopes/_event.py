@@ -105,11 +105,11 @@ def check_name(event: Any) -> str:
 
 
 def check_distinct_id(value: Any) -> str | None:
-    """``value`` as the distinct ID to send, or None for a personless event.
+    """``value`` as the distinct ID to send, or None when there is none.
 
-    A str is sent as it is; an empty or whitespace-only one means personless (as
-    posthog-python; PostHog would refuse it). An int or UUID is sent as ``str(value)``.
-    Raises :class:`Refused` for other types.
+    A str is sent as it is; an empty or whitespace-only one counts as none (PostHog would
+    refuse it). An int or UUID is sent as ``str(value)``. Raises :class:`Refused` for
+    other types.
     """
     if isinstance(value, str):
         return value if value.strip(_capture_rules.WHITE_SPACE) else None
@@ -175,9 +175,10 @@ def build(
     uuid: Any,
 ) -> dict[str, Any]:
     """The event dict ``capture()`` makes of its arguments and the active scopes: the
-    scopes' tags, then ``properties``, ``$session_id``, ``$lib``; a personless event
-    (``$process_person_profile: false``, a fresh UUID as distinct ID) when there is no
-    distinct ID or it is blank.
+    scopes' tags, then ``properties``, ``$session_id``, ``$lib``. The distinct ID is
+    ``distinct_id`` unless it is None or blank, else the scopes' unless that is None or
+    blank, else the event is personless (``$process_person_profile: false``, a fresh UUID
+    as distinct ID).
 
     Raises:
         Refused: a name, distinct ID, UUID, properties or ``$cookieless_mode`` PostHog
@@ -192,7 +193,10 @@ def build(
     check_cookieless(props)  # a tag could be it too
     if session_id is not None and "$session_id" not in props:
         props["$session_id"] = session_id
-    resolved = check_distinct_id(ctx_distinct_id if distinct_id is None else distinct_id)
+    # an empty one falls back to the scopes' distinct ID, as in posthog-python
+    resolved = check_distinct_id(distinct_id)
+    if resolved is None:
+        resolved = check_distinct_id(ctx_distinct_id)
     if resolved is None:
         resolved = uuid7()
         props.setdefault("$process_person_profile", False)

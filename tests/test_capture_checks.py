@@ -88,13 +88,16 @@ def test_invalid_events_are_refused_at_capture_and_every_good_event_of_the_batch
         task_scopes.identify_context("")
         context_personless = client.capture("empty context id")
         blank = client.capture("blank id", distinct_id=" \t")
+    with task_scopes.new_context(fresh=True):
+        task_scopes.identify_context("user-1")
+        from_context = client.capture("empty id in a context", distinct_id="")
     not_finite = client.capture(
         "not finite", properties={"nan": float("nan"), "inf": [float("inf"), -float("inf")]}
     )
     good.append(client.capture("good", properties={"n": 3}))
     assert refused == [None, None, None, None]
     assert client.flush(timeout=10) == 0
-    sent = [*good, personless, context_personless, blank, not_finite]
+    sent = [*good, personless, context_personless, blank, from_context, not_finite]
     assert None not in sent
     events = {e["uuid"]: e for e in server.wait_for(len(sent))}
     assert set(events) == set(sent)
@@ -102,6 +105,7 @@ def test_invalid_events_are_refused_at_capture_and_every_good_event_of_the_batch
     for uid in (personless, context_personless, blank):
         assert events[uid]["properties"]["$process_person_profile"] is False
         assert uuid.UUID(events[uid]["distinct_id"])  # a fresh UUID, as for no distinct ID
+    assert events[from_context]["distinct_id"] == "user-1"  # as posthog-python
     assert events[not_finite]["properties"]["nan"] is None
     assert events[not_finite]["properties"]["inf"] == [None, None]
     stats = client.stats()

@@ -130,11 +130,15 @@ def refusal(case: Case) -> str | None:
     """Why capture() must refuse ``case`` (before looking at size and nesting), or None."""
     if not isinstance(case.name, str) or not case.name:
         return "name"
-    resolved = case.context_id if case.distinct_id is None else case.distinct_id
-    if resolved is not None and not isinstance(resolved, (str, int, uuid.UUID)):
-        return "distinct_id"
-    if isinstance(resolved, bool):
-        return "distinct_id"
+    for candidate in (case.distinct_id, case.context_id):
+        if candidate is not None and (
+            isinstance(candidate, bool) or not isinstance(candidate, (str, int, uuid.UUID))
+        ):
+            return "distinct_id"
+        if candidate is not None and (
+            not isinstance(candidate, str) or candidate.strip(WHITE_SPACE)
+        ):
+            break  # this one is used
     if case.uuid_in not in (None, "") and not _uuid_ok(case.uuid_in):
         return "uuid"
     if case.properties is not None and not isinstance(
@@ -162,7 +166,9 @@ def _uuid_ok(value: Any) -> bool:
 
 def expected_event(case: Case) -> dict[str, Any]:
     """The event as it must arrive (``distinct_id`` :data:`PERSONLESS` when made up)."""
-    resolved = case.context_id if case.distinct_id is None else case.distinct_id
+    resolved = case.distinct_id
+    if resolved is None or (isinstance(resolved, str) and not resolved.strip(WHITE_SPACE)):
+        resolved = case.context_id  # a blank distinct_id falls back to the context's
     if isinstance(resolved, str) and not resolved.strip(WHITE_SPACE):
         resolved = None
     props = expect(dict(task_scopes.get_global_scope().tags))
