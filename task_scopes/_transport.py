@@ -213,11 +213,8 @@ class HttpTransport(BaseTransport):
     ) -> None:
         self.api_key = api_key
         self.url = host.rstrip("/") + "/batch/"
-        parts = urlsplit(self.url)
         # scheme://host:port: what log lines name (a user:password@ in host stays out)
-        self.origin = f"{parts.scheme}://{parts.hostname}" + (
-            f":{parts.port}" if parts.port else ""
-        )
+        self.origin = _origin(self.url)
         self.timeout = timeout
         self.gzip = gzip
         self._note = _FailureNote()
@@ -394,6 +391,16 @@ def _strict_event(item: str) -> tuple[str | None, Any]:
     return _capture_rules.event_problem(event), event
 
 
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of ``url``: no credentials, path or query."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}"
+
+
 def _redacted(url: str | None) -> str:
     """``url`` without credentials or query string, for a log line."""
     if not url:
@@ -401,8 +408,7 @@ def _redacted(url: str | None) -> str:
     parts = urlsplit(url)
     if not parts.scheme:
         return parts.path[:200]
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"[:200]
+    return (_origin(url) + parts.path)[:200]
 
 
 class JsonlTransport(BaseTransport):

@@ -530,3 +530,19 @@ def test_capture_exception_sends_an_exception_whose_str_raises_with_a_placeholde
     [event] = server.wait_for(1)
     assert event["properties"]["$exception_type"] == "Unprintable"
     assert event["properties"]["$exception_message"] == "<unprintable exception>"
+
+
+def test_credentials_in_the_host_never_reach_a_log_line(
+    server: CaptureServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from task_scopes import HttpTransport
+
+    host = server.url.replace("http://", "http://user:hunter2@")
+    transport = HttpTransport("phc_test", host)
+    event = json.dumps({"event": "e", "distinct_id": "u", "properties": {}})
+    server.script(400)
+    with caplog.at_level(logging.ERROR, logger="task_scopes"):
+        assert transport.send([event]) == 1
+    [line] = _messages(caplog)
+    assert server.url in line
+    assert "hunter2" not in line and "user:" not in line
