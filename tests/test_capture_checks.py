@@ -21,6 +21,7 @@ from datetime import date, datetime, timezone
 from decimal import Decimal
 from pathlib import PurePosixPath
 from typing import Any
+from unittest.mock import Mock
 
 import pydantic
 import pytest
@@ -299,6 +300,7 @@ def test_values_are_converted_as_the_readme_table_says(
                 "path": PurePosixPath("/srv/app.py"),
                 "bytes": b"\x00\x01",
                 "opaque": Opaque(),
+                "mock": Mock(),  # answers model_dump() with another Mock
             },
         )
     assert uid is not None
@@ -322,6 +324,7 @@ def test_values_are_converted_as_the_readme_table_says(
     assert props["path"] == "/srv/app.py"
     assert props["bytes"] == "AAE="
     assert props["opaque"] is None
+    assert props["mock"] is None
     assert any("type Opaque has no JSON form" in line for line in _messages(caplog))
 
 
