@@ -15,9 +15,11 @@ trace_bare / trace / trace_capture
     with an empty task; installed (prerun decode + scope open, postrun close); installed
     with a task calling ``capture()`` once.
 capture
-    ``task_scopes.capture()`` inside a restored task scope (enqueue only).
+    ``task_scopes.capture()`` inside a restored task scope: build, check and serialize the
+    event in the caller's thread, then enqueue the JSON string.
 batch_encode
-    the consumer's work per event: serialize, join into a ``/batch/`` body, gzip.
+    the consumer's work per event: join the serialized events into a ``/batch/`` body,
+    gzip (serializing moved into ``capture()``).
 send
     ``HttpTransport.send()`` of 100-event batches to a loopback collector subprocess,
     per event.
@@ -42,7 +44,8 @@ from celery.app.trace import build_tracer
 
 import task_scopes
 import task_scopes.celery
-from task_scopes._consumer import Consumer
+from task_scopes._consumer import Consumer, Counters
+from task_scopes._event import freeze
 from task_scopes._transport import HttpTransport, batch_body
 
 
@@ -173,7 +176,7 @@ def build(n: int) -> dict[str, Callable[[int], None]]:
             for i in range(count):
                 cap("bench task done", properties={"i": i, "source": "bench"})
 
-    events: list[dict[str, Any]] = []
+    events: list[str] = []
     client = task_scopes.Client("phc_profile", transport=_Discard())
     with task_scopes.new_context():
         task_scopes.identify_context(USER)
@@ -185,10 +188,10 @@ def build(n: int) -> dict[str, Callable[[int], None]]:
         grab_events: list[dict[str, Any]] = []
         client.before_send = lambda e: grab_events.append(e)
         client.capture("bench task done", properties={"i": 1, "source": "bench"})
-        events = grab_events * 100
+        events = [freeze(e) for e in grab_events] * 100  # what capture() queues
 
     def batch_encode(count: int) -> None:
-        consumer = Consumer(deque(), _Discard(), flush_at=100, flush_interval=1.0)
+        consumer = Consumer(deque(), _Discard(), Counters(), flush_at=100, flush_interval=1.0)
         for _ in range(count // 100 or 1):
             consumer.queue.extend(events)
             batch = consumer._take()
@@ -201,7 +204,9 @@ def build(n: int) -> dict[str, Callable[[int], None]]:
     assert collector.stdout is not None
     url = collector.stdout.readline().split()[2]
     transport = HttpTransport("phc_profile", url)
-    batch = Consumer(deque(events), _Discard(), flush_at=100, flush_interval=1.0)._take()
+    batch = Consumer(
+        deque(events), _Discard(), Counters(), flush_at=100, flush_interval=1.0
+    )._take()
 
     def send(count: int) -> None:
         for _ in range(count // 100 or 1):

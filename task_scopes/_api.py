@@ -13,7 +13,7 @@ from . import _defaults
 from ._blocks import enter_keyed, exit_keyed
 from ._client import Client, register_exit_flush
 from ._generators import scoped_async_generator, scoped_generator
-from ._internal import guard
+from ._internal import RateLimitedLog, guard
 from ._scope import (
     Scope,
     bound_client,
@@ -21,7 +21,6 @@ from ._scope import (
     get_global_scope,
     get_isolation_scope,
     merged_context,
-    merged_groups,
 )
 
 __all__ = [
@@ -319,8 +318,31 @@ def tag(key: str, value: Any) -> None:
 
     Tags become properties of every event captured in the context and travel with the
     tasks it publishes (see ``task_scopes.celery``).
+
+    Args:
+        key: the tag's name, a str. Any other key is refused: the tag is not set and a
+            warning names it (events of the context are captured as before).
+        value: any value; events convert it as they convert properties.
     """
+    if not isinstance(key, str):
+        _tag_log.warning(
+            "task_scopes: tag(%s, ...) was not set: a tag key must be a str, got %s",
+            _shown(key),
+            type(key).__qualname__,
+            key=type(key).__qualname__,
+        )
+        return
     get_isolation_scope().set_tag(key, value)
+
+
+_tag_log = RateLimitedLog(60.0)
+
+
+def _shown(value: Any) -> str:
+    try:
+        return repr(value)[:80]
+    except Exception:  # its own __repr__ raised
+        return f"<{type(value).__qualname__}>"
 
 
 def identify_context(distinct_id: str) -> None:
@@ -374,7 +396,7 @@ def get_context_session_id() -> str | None:
 def get_context_groups() -> dict[str, str | int]:
     """The groups seen here (global, then isolation, then current scope), a new dict."""
     try:
-        return merged_groups()
+        return merged_context().groups
     except Exception:
         _GUARD_API.failed()
         return {}

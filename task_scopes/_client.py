@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import random
 import sys
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from . import _defaults, _validate
 from ._consumer import Consumer, Counters
-from ._exceptions import exception_list, mark_captured
+from ._event import Refused, build, check_properties, freeze, uuid7
+from ._exceptions import exception_list, exception_message, mark_captured
+from ._exit import flush_all, live_clients, register_exit_flush
 from ._internal import RateLimitedLog, guard, logger
-from ._scope import merged_context, merged_groups
 from ._transport import HttpTransport, Transport
-from ._version import __version__
 
-__all__ = ["Client", "ClientStats", "Event", "flush_all", "register_exit_flush"]
+__all__ = [
+    "Client",
+    "ClientStats",
+    "Event",
+    "flush_all",
+    "live_clients",
+    "register_exit_flush",
+    "uuid7",
+]
 
 Event = dict[str, Any]
 BeforeSend = Callable[[Event], "Event | None"]
@@ -33,26 +38,7 @@ _clients_lock = threading.Lock()
 # A debug client's own log lines go here (and to stderr); other clients never touch it.
 debug_logger = logging.getLogger("task_scopes.debug")
 _CAPTURE_GUARD = guard("capture")
-_getrandbits = random.getrandbits  # reseeded after os.fork() by the random module
-
-
-def uuid7() -> str:
-    """A new UUIDv7 string (RFC 9562): 48-bit Unix milliseconds, then 74 random bits.
-
-    Time-ordered, as PostHog prefers for event UUIDs, and about four times cheaper than
-    ``str(uuid.uuid4())``, which reads ``os.urandom`` and builds a ``UUID`` per call. The
-    collector de-duplicates on it, which needs uniqueness, not unpredictability.
-    """
-    rand = _getrandbits(74)
-    value = (
-        (time.time_ns() // 1_000_000) << 80
-        | 0x7 << 76
-        | (rand >> 62) << 64
-        | 0x2 << 62
-        | (rand & 0x3FFF_FFFF_FFFF_FFFF)
-    )
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+_FLUSH_GUARD = guard("flush")
 
 
 class ClientStats(NamedTuple):
@@ -60,8 +46,8 @@ class ClientStats(NamedTuple):
 
     ``captured``: events accepted by ``capture()``; ``queued``: waiting for the consumer;
     ``in_flight``: in the batch being sent; ``delivered``; ``failed``: given up by the
-    transport; ``dropped``: refused (queue full, too large, unserializable,
-    ``before_send``).
+    transport; ``dropped``: refused by ``capture()`` (invalid, over 900 KiB,
+    unserializable, queue full, ``before_send``), which then returned None.
     """
 
     captured: int
@@ -162,7 +148,7 @@ class Client:
 
     def _reset(self) -> None:
         """Fresh per-process state: queue, locks, consumer (started lazily), counters."""
-        self._queue: deque[Event] = deque()
+        self._queue: deque[str] = deque()  # events frozen as JSON by capture()
         self._start_lock = threading.Lock()
         self._consumer: Consumer | None = None
         self._counters = Counters()
@@ -191,72 +177,104 @@ class Client:
     ) -> str | None:
         """Queue one event attributed from the active scopes. Never blocks, never raises.
 
+        The event is checked and serialized here, in the caller's thread: what the caller
+        changes in ``properties`` (or in a tag value) afterwards is not sent, and an
+        event PostHog would refuse is refused here, with a warning naming the mistake,
+        rather than costing the events batched with it.
+
         Args:
-            event: event name, e.g. ``"order_processed"``.
-            distinct_id: overrides the scopes' distinct ID for this event.
-            properties: event properties; they win over tags of the same name.
+            event: event name, a non-empty str, e.g. ``"order_processed"``.
+            distinct_id: overrides the scopes' distinct ID for this event (str; an int or
+                UUID is sent as str). Empty or whitespace counts as None: the scopes'
+                distinct ID, else a personless event (as posthog-python).
+            properties: event properties (a mapping); they win over tags of the same
+                name. Values are converted as the README's table says (non-finite floats
+                become null, dataclasses objects, ...).
             timestamp: when it happened (aware datetime or ISO 8601); default now, UTC.
-            uuid: event UUID (str); default a new UUIDv7. The collector dedupes on it.
+            uuid: event UUID (str or ``uuid.UUID``); default a new UUIDv7. The collector
+                dedupes on it.
             groups: group type -> group key, e.g. ``{"company": "acme"}``; merged over the
                 scopes' groups (and a ``$groups`` dict in ``properties``) into the
                 ``$groups`` property, as posthog-python sends them.
 
         Returns:
-            The event UUID, or None when the client is disabled or dropped the event (the
-            reason is logged).
+            The event UUID (canonical form), or None when the client is disabled or the
+            event was refused: invalid name, distinct ID, properties or UUID, a circular
+            reference, over 900 KiB or nested deeper than PostHog accepts as JSON,
+            dropped by ``before_send``, or the queue is full. The reason is logged.
         """
         if self.disabled:
+            _warn_if_unconfigured(self)
             self._log.log(logging.DEBUG, "task_scopes: client disabled; event not sent")
             return None
         with _CAPTURE_GUARD:
-            ctx_distinct_id, session_id, props, window_id = merged_context()
-            if properties:
-                props.update(properties)
-            event_groups = merged_groups()
-            if event_groups or groups:
-                explicit = props.get("$groups")
-                if isinstance(explicit, Mapping):
-                    event_groups.update(explicit)
-                event_groups.update(groups or {})
-                props["$groups"] = event_groups
-            if session_id is not None and "$session_id" not in props:
-                props["$session_id"] = session_id
-            if window_id is not None and "$window_id" not in props:
-                props["$window_id"] = window_id
-            if distinct_id is None:
-                distinct_id = ctx_distinct_id
-            if distinct_id is None:
-                distinct_id = uuid7()
-                props.setdefault("$process_person_profile", False)
-            props["$lib"] = "task_scopes"
-            props["$lib_version"] = __version__
-            if timestamp is None:
-                ts = datetime.now(timezone.utc).isoformat()
-            elif isinstance(timestamp, datetime):
-                ts = timestamp.isoformat()
-            else:
-                ts = str(timestamp)
-            uid = uuid if uuid is not None else uuid7()
-            message: Event = {
-                "event": event,
-                "distinct_id": str(distinct_id),
-                "properties": props,
-                "timestamp": ts,
-                "uuid": uid,
-            }
-            if self.before_send is not None:
-                kept = self.before_send(message)
-                if kept is None:
-                    self._count_drop()
-                    logger.debug("task_scopes: before_send dropped event %r", event)
-                    return None
-                message = kept
-            if not self._enqueue(message):
+            try:
+                frozen = self._freeze(event, distinct_id, properties, timestamp, uuid, groups)
+            except Refused as refused:
+                self._refuse("capture", event, refused)
                 return None
+            if frozen is None or not self._enqueue(frozen[0]):
+                return None
+            uid = frozen[1]
             if self.debug:
                 debug_logger.debug("task_scopes: %r captured event %r (%s)", self, event, uid)
             return uid
         return None
+
+    def _freeze(
+        self,
+        event: Any,
+        distinct_id: Any,
+        properties: Any,
+        timestamp: datetime | str | None,
+        uuid: Any,
+        groups: Mapping[str, str | int] | None = None,
+    ) -> tuple[str, str] | None:
+        """``(json, uuid)`` of the event, or None when ``before_send`` dropped it.
+
+        Raises :class:`Refused` for what the caller got wrong.
+        """
+        message = build(event, distinct_id, properties, timestamp, uuid, groups)
+        if self.before_send is None:  # built from checked values: only serialize
+            return freeze(message, check_fields=False), message["uuid"]
+        kept = self._before_send(message)
+        if kept is None:
+            return None
+        return freeze(kept), kept["uuid"]
+
+    def _before_send(self, message: Event) -> Any:
+        """What ``before_send`` returns; None (dropped, and counted) when it raises."""
+        assert self.before_send is not None
+        name = message["event"]
+        try:
+            kept = self.before_send(message)
+        except Exception as exc:  # the user's callback: their mistake, not ours
+            self._count_drop()
+            self._log.log(
+                logging.WARNING,
+                "task_scopes: before_send raised %s on event %r; the event is dropped",
+                type(exc).__qualname__,
+                name[:100],
+                exc_info=True,
+                key=type(exc).__qualname__,
+            )
+            return None
+        if kept is None:
+            self._count_drop()
+            logger.debug("task_scopes: before_send dropped event %r", name[:100])
+        return kept
+
+    def _refuse(self, call: str, event: Any, refused: Refused) -> None:
+        """Count and log an event ``call`` (``"capture"``...) refused; a user mistake."""
+        self._count_drop()
+        shown = repr(event[:100]) if isinstance(event, str) else f"<{type(event).__qualname__}>"
+        self._log.warning(
+            "task_scopes: %s() refused event %s, nothing was sent: %s",
+            call,
+            shown,
+            refused,
+            key=(refused.kind, shown),
+        )
 
     def capture_exception(
         self,
@@ -269,7 +287,8 @@ class Client:
     ) -> str | None:
         """Capture ``exc`` (default: the one being handled) as an ``$exception`` event.
 
-        The same exception object is sent once however often it is captured.
+        The same exception object is sent once however often it is captured. An
+        exception whose ``str()`` raises is sent with a placeholder message.
 
         Args:
             exc: the exception; None takes ``sys.exc_info()``.
@@ -277,12 +296,25 @@ class Client:
             handled: False when it escaped the user's code.
 
         Returns:
-            The event UUID; None when there is no exception, it was captured before, or
-            the client is disabled or dropped the event.
+            The event UUID; None when there is no exception, ``exc`` is not an exception
+            (logged), it was captured before, or the client is disabled or refused the
+            event (see :meth:`capture`).
         """
         if exc is None:
             exc = sys.exc_info()[1]
         if exc is None or self.disabled:
+            return None
+        if not isinstance(exc, BaseException):
+            self._refuse(
+                "capture_exception",
+                "$exception",
+                Refused(f"it needs an exception, got {type(exc).__qualname__}", "exception"),
+            )
+            return None
+        try:
+            properties = check_properties(properties)
+        except Refused as refused:
+            self._refuse("capture_exception", "$exception", refused)
             return None
         with guard("capture_exception"):
             if not mark_captured(exc):
@@ -290,7 +322,7 @@ class Client:
             props: dict[str, Any] = {
                 "$exception_list": exception_list(exc, mechanism=mechanism, handled=handled),
                 "$exception_type": type(exc).__name__,
-                "$exception_message": str(exc)[:2_000],
+                "$exception_message": exception_message(exc),
             }
             if properties:
                 props.update(properties)
@@ -299,22 +331,28 @@ class Client:
 
     def set(self, *, distinct_id: str | None = None, properties: Mapping[str, Any]) -> str | None:
         """Set person properties (``$set``) on the given or the scopes' distinct ID."""
-        return self.capture("$set", distinct_id=distinct_id, properties={"$set": dict(properties)})
+        return self._person("$set", distinct_id, properties)
 
     def set_once(
         self, *, distinct_id: str | None = None, properties: Mapping[str, Any]
     ) -> str | None:
         """Set person properties only where unset (``$set_once``)."""
-        return self.capture(
-            "$set", distinct_id=distinct_id, properties={"$set_once": dict(properties)}
-        )
+        return self._person("$set_once", distinct_id, properties)
+
+    def _person(self, kind: str, distinct_id: str | None, properties: Any) -> str | None:
+        try:
+            checked = check_properties(properties)
+        except Refused as refused:
+            self._refuse(kind.lstrip("$"), "$set", refused)
+            return None
+        return self.capture("$set", distinct_id=distinct_id, properties={kind: dict(checked or {})})
 
     def _count_drop(self) -> None:
         counters = self._counters
         with counters.cv:
             counters.dropped += 1
 
-    def _enqueue(self, message: Event) -> bool:
+    def _enqueue(self, item: str) -> bool:
         queue = self._queue
         if len(queue) >= self.max_queue_size:
             self._count_drop()
@@ -322,7 +360,7 @@ class Client:
                 "task_scopes: queue full (%d events); dropping new events", self.max_queue_size
             )
             return False
-        queue.append(message)
+        queue.append(item)
         consumer = self._consumer
         if consumer is None:
             consumer = self._start()
@@ -343,7 +381,16 @@ class Client:
                 )
                 consumer.start()
                 self._consumer = consumer
+                # whatever made this client (init(), the Celery plugin, the user), what
+                # it queues is flushed at exit
+                register_exit_flush()
             return self._consumer
+
+    def last_failure(self) -> str | None:
+        """Why the transport's last delivery attempt failed (cause and host), or None
+        when it succeeded or the transport does not say."""
+        note = getattr(self.transport, "last_failure", None)
+        return note if isinstance(note, str) else None
 
     # -- flush / shutdown ----------------------------------------------------------
 
@@ -359,7 +406,11 @@ class Client:
         consumer = self._consumer
         if consumer is None:
             return len(self._queue)
-        return consumer.wait_idle(timeout)
+        try:
+            return consumer.wait_idle(timeout)
+        except Exception:
+            _FLUSH_GUARD.failed()
+            return len(self._queue)
 
     def shutdown(self, timeout: float | None = 10.0) -> int:
         """Flush, then stop the consumer thread. A later ``capture()`` starts a new one.
@@ -374,7 +425,11 @@ class Client:
             consumer, self._consumer = self._consumer, None
         if consumer is None:
             return len(self._queue)
-        undelivered = consumer.wait_idle(timeout)
+        try:
+            undelivered = consumer.wait_idle(timeout)
+        except Exception:
+            _FLUSH_GUARD.failed()
+            undelivered = len(self._queue)
         consumer.stop()
         if undelivered == 0:
             consumer.join(timeout)
@@ -395,60 +450,27 @@ class Client:
             )
 
 
+_unconfigured_warned = False
+
+
+def _warn_if_unconfigured(client: Client) -> None:
+    """Once per process: say that events go nowhere because no client has an API key
+    (a client disabled on purpose, with a key, stays quiet)."""
+    global _unconfigured_warned
+    if _unconfigured_warned or client.api_key is not None or client.transport is not None:
+        return
+    _unconfigured_warned = True
+    logger.warning(
+        "task_scopes: capture() sent nothing: no client with an API key is set up here. "
+        "Call task_scopes.init(api_key=..., host=...) at start-up, or set "
+        "task_scopes_api_key in the Celery app's config (logged once per process)"
+    )
+
+
 def _enable_debug_logging() -> None:
     if not debug_logger.handlers:
         debug_logger.addHandler(logging.StreamHandler())
     debug_logger.setLevel(logging.DEBUG)
-
-
-def live_clients() -> list[Client]:
-    """Every enabled client of this process that is still referenced."""
-    with _clients_lock:
-        return [client for client in _clients if not client.disabled]
-
-
-def flush_all(timeout: float | None, *, stop: bool = False) -> int:
-    """Flush every enabled client (``stop=True``: shut each down), within one deadline.
-
-    Args:
-        timeout: seconds (float) for all clients together; None waits forever.
-        stop: shut the clients down after flushing (a later ``capture()`` restarts one).
-
-    Returns:
-        The number of events still undelivered, summed over the clients.
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    left = 0
-    for client in live_clients():
-        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        left += client.shutdown(remaining) if stop else client.flush(remaining)
-    return left
-
-
-_exit_flush_registered = False
-_exit_timeout = _defaults.SHUTDOWN_TIMEOUT
-
-
-def _flush_at_exit() -> None:
-    left = flush_all(_exit_timeout, stop=True)
-    if left:
-        logger.warning("task_scopes: %d events undelivered at exit", left)
-
-
-def register_exit_flush(timeout: float | None = None) -> None:
-    """Flush and shut down every client at interpreter exit, registered once per process.
-
-    Args:
-        timeout: seconds (float) the exit flush may take in all; None keeps the current
-            bound (default 10 s). The Celery plugin sets its ``task_scopes_shutdown_timeout``.
-    """
-    global _exit_flush_registered, _exit_timeout
-    with _clients_lock:
-        if timeout is not None:
-            _exit_timeout = timeout
-        if not _exit_flush_registered:
-            atexit.register(_flush_at_exit)
-            _exit_flush_registered = True
 
 
 def _after_fork_in_child() -> None:

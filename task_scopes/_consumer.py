@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import threading
 import time
 from collections import deque
-from typing import Any
 
-from ._defaults import MAX_BATCH_BYTES, MAX_EVENT_BYTES
-from ._internal import RateLimitedLog, guard
-from ._json import json_default
+from ._defaults import MAX_BATCH_BYTES
+from ._internal import guard
 from ._transport import Transport
 
 __all__ = ["Consumer", "Counters"]
-
-_dumps = json.JSONEncoder(
-    default=json_default, separators=(",", ":"), ensure_ascii=False, check_circular=True
-).encode
 
 
 class Counters:
@@ -26,8 +18,8 @@ class Counters:
 
     ``taken``: events the consumer removed from the queue; ``in_flight``: events of the
     batch being sent; ``delivered``; ``failed``: given up by the transport; ``dropped``:
-    refused by the client (queue full, ``before_send``) or the consumer (too large,
-    unserializable). The client owns them; each consumer it starts adds to them, so they
+    refused by ``capture()`` (invalid, too large, unserializable, queue full,
+    ``before_send``). The client owns them; each consumer it starts adds to them, so they
     survive ``shutdown()`` and a restart.
     """
 
@@ -47,15 +39,16 @@ class Consumer(threading.Thread):
 
     Wakes when the queue reaches ``flush_at`` events, when ``flush_interval`` seconds have
     passed, or when :meth:`wake` is called (``flush()``); then sends everything queued in
-    batches of <= ``flush_at`` events and <= 5 MiB. Events over 900 KiB, or that cannot be
-    serialized, are dropped and counted.
+    batches of <= ``flush_at`` events and <= 5 MiB. The queue holds events already
+    validated and serialized by ``capture()`` (JSON strings of <= 900 KiB), so the
+    consumer only joins them: nothing it takes can be refused by the collector.
 
     It counts what it does in the client's :class:`Counters`.
     """
 
     def __init__(
         self,
-        queue: deque[dict[str, Any]],
+        queue: deque[str],
         transport: Transport,
         counters: Counters,
         *,
@@ -71,7 +64,6 @@ class Consumer(threading.Thread):
         self.flush_interval = flush_interval
         self._wake = threading.Event()
         self._stopping = False
-        self._log = RateLimitedLog(30.0)
 
     def wake(self) -> None:
         """Send what is queued now, without waiting for ``flush_interval``."""
@@ -114,53 +106,20 @@ class Consumer(threading.Thread):
                     self.cv.notify_all()
 
     def _take(self) -> list[str]:
-        """Pop up to ``flush_at`` events (<= 5 MiB) and serialize them. Holds :attr:`cv`."""
+        """Pop up to ``flush_at`` events, <= 5 MiB in all. Holds :attr:`cv`."""
         batch: list[str] = []
         size = 0
         queue = self.queue
-        counters = self.counters
         while queue and len(batch) < self.flush_at:
-            event = queue.popleft()
-            counters.taken += 1
-            try:
-                item = _dumps(event)
-            except Exception as exc:  # one bad event must not take its batch down with it
-                # TypeError/ValueError (circular), RecursionError (nested too deep), or
-                # whatever a property's own __str__ raised
-                counters.dropped += 1
-                self._log.log(
-                    logging.WARNING,
-                    "task_scopes: dropped event %r: cannot serialize (%s)",
-                    event.get("event"),
-                    type(exc).__name__,
-                )
-                continue
-            if item.isascii():
-                n = len(item)
-            else:
-                try:
-                    n = len(item.encode())
-                except UnicodeEncodeError:
-                    # lone surrogates (os.fsdecode of undecodable bytes) are not UTF-8:
-                    # send "?" in their place rather than lose the event
-                    item = item.encode("utf-8", "replace").decode()
-                    n = len(item.encode())
-            if n > MAX_EVENT_BYTES:
-                counters.dropped += 1
-                self._log.warning(
-                    "task_scopes: dropped event %r of %d bytes (limit %d)",
-                    event.get("event"),
-                    n,
-                    MAX_EVENT_BYTES,
-                )
-                continue
+            item = queue[0]
+            n = len(item) if item.isascii() else len(item.encode())
             if batch and size + n > MAX_BATCH_BYTES:
-                queue.appendleft(event)
-                counters.taken -= 1
                 break
+            queue.popleft()
             batch.append(item)
             size += n + 1
-        counters.in_flight = len(batch)
+        self.counters.taken += len(batch)
+        self.counters.in_flight = len(batch)
         return batch
 
     def wait_idle(self, timeout: float | None) -> int:
@@ -168,13 +127,13 @@ class Consumer(threading.Thread):
         (None waits forever).
 
         Returns the number of events still undelivered: those queued or in flight now,
-        plus those given up or dropped while waiting.
+        plus those the transport gave up while waiting.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         self.wake()
         counters = self.counters
         with self.cv:
-            lost_before = counters.failed + counters.dropped
+            lost_before = counters.failed
             while self.pending():
                 if not self.is_alive():
                     break
@@ -183,4 +142,4 @@ class Consumer(threading.Thread):
                     break
                 self.cv.wait(remaining if remaining is None else min(remaining, 0.5))
                 self.wake()
-            return self.pending() + counters.failed + counters.dropped - lost_before
+            return self.pending() + counters.failed - lost_before

@@ -12,6 +12,7 @@ __all__ = [
     "HOST",
     "MAX_BATCH_BYTES",
     "MAX_EVENT_BYTES",
+    "MAX_EVENT_NESTING",
     "MAX_HEADER_BYTES",
     "MAX_KEY_CHARS",
     "MAX_QUEUE_SIZE",
@@ -33,6 +34,9 @@ RETRY_WINDOW = 30.0  # seconds a failing batch is retried before it is given up
 RETRY_BACKOFF_MAX = 4.0  # seconds: the longest wait between two attempts
 SHUTDOWN_TIMEOUT = 10.0  # seconds: bound of every exit flush
 MAX_EVENT_BYTES = 900 * 1024  # one serialized event
+# arrays/objects nested in one event's JSON, the event object included: PostHog's JSON
+# parser refuses a request nested deeper than 127, and a /batch/ body adds two levels
+MAX_EVENT_NESTING = 125
 MAX_BATCH_BYTES = 5 * 1024 * 1024  # one request body before gzip
 
 # -- the Celery context header ---------------------------------------------------------------

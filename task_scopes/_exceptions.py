@@ -15,7 +15,7 @@ import traceback
 from types import TracebackType
 from typing import Any
 
-__all__ = ["exception_list", "mark_captured"]
+__all__ = ["exception_list", "exception_message", "mark_captured"]
 
 _MAX_CHAIN = 10
 _MAX_FRAMES = 100
@@ -69,7 +69,8 @@ def _frames(tb: TracebackType | None) -> list[dict[str, Any]]:
     return frames
 
 
-def _value(exc: BaseException) -> str:
+def exception_message(exc: BaseException) -> str:
+    """``str(exc)``, cut to 2,000 characters; a placeholder when its ``__str__`` raises."""
     try:
         value = str(exc)
     except Exception:
@@ -100,7 +101,7 @@ def exception_list(
         entries.append(
             {
                 "type": cls.__qualname__,
-                "value": _value(current),
+                "value": exception_message(current),
                 "module": cls.__module__,
                 "mechanism": {
                     "type": mechanism if not entries else "chained",

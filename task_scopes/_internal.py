@@ -11,6 +11,8 @@ import logging
 import sys
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Hashable
 from types import TracebackType
 from typing import Any, ClassVar, TypeAlias
 
@@ -30,31 +32,50 @@ def set_reraise(value: bool) -> bool:
 
 
 class RateLimitedLog:
-    """Logs a message at most once per ``interval`` seconds, counting what it suppressed.
+    """Logs each distinct message at most once per ``interval`` seconds, counting what it
+    suppressed.
 
+    A message is its format string, plus the ``key`` a caller passes to tell problems of
+    one format apart (a status code, an exception type): a later, different problem on
+    the same code path is logged at once rather than hidden behind the first one. The
+    map of messages is bounded (``max_keys``; the least recently logged is forgotten).
     Thread-safe. ``warning("...%s", arg)`` returns True when the line was written.
     """
 
-    __slots__ = ("_interval", "_last", "_lock", "_suppressed")
+    __slots__ = ("_interval", "_lock", "_max_keys", "_seen")
 
-    def __init__(self, interval: float = 60.0) -> None:
+    def __init__(self, interval: float = 60.0, *, max_keys: int = 256) -> None:
         self._interval = interval
-        self._last = -float("inf")
-        self._suppressed = 0
+        self._max_keys = max_keys
+        # message -> [monotonic time it was last written, lines suppressed since]
+        self._seen: OrderedDict[Hashable, list[float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _due(self) -> int | None:
+    def _due(self, message: Hashable) -> int | None:
         now = time.monotonic()
         with self._lock:
-            if now - self._last < self._interval:
-                self._suppressed += 1
+            seen = self._seen.get(message)
+            if seen is not None and now - seen[0] < self._interval:
+                seen[1] += 1
                 return None
-            self._last = now
-            suppressed, self._suppressed = self._suppressed, 0
+            suppressed = int(seen[1]) if seen is not None else 0
+            self._seen[message] = [now, 0]
+            self._seen.move_to_end(message)
+            if len(self._seen) > self._max_keys:
+                self._seen.popitem(last=False)
             return suppressed
 
-    def log(self, level: int, msg: str, *args: object, exc_info: ExcInfo = False) -> bool:
-        suppressed = self._due()
+    def log(
+        self,
+        level: int,
+        msg: str,
+        *args: object,
+        exc_info: ExcInfo = False,
+        key: Hashable = None,
+    ) -> bool:
+        """Log ``msg % args`` on the ``task_scopes`` logger unless the same message (``msg``
+        and ``key``) was logged less than ``interval`` seconds ago."""
+        suppressed = self._due(msg if key is None else (msg, key))
         if suppressed is None:
             return False
         if suppressed:
@@ -63,8 +84,13 @@ class RateLimitedLog:
         logger.log(level, msg, *args, exc_info=exc_info)
         return True
 
-    def warning(self, msg: str, *args: object) -> bool:
-        return self.log(logging.WARNING, msg, *args)
+    def warning(self, msg: str, *args: object, key: Hashable = None) -> bool:
+        return self.log(logging.WARNING, msg, *args, key=key)
+
+    def clear(self) -> None:
+        """Forget every message: each is logged again at its next occurrence."""
+        with self._lock:
+            self._seen.clear()
 
 
 class guard:  # noqa: N801 - used as ``with guard("where"):``
@@ -73,16 +99,18 @@ class guard:  # noqa: N801 - used as ``with guard("where"):``
     Args:
         where: short name of the code path, e.g. ``"task_prerun"``; it appears in the log.
 
-    Logged with its traceback at most once a minute per ``where`` (a broken transport or
-    encoder would otherwise log once per task), with the count of what was suppressed.
-    A class rather than a generator-based context manager: it costs a fraction of that on
-    the hot paths (publish, prerun, capture), and an instance holds no per-use state, so
-    one can be kept and reused. ``BaseException`` (``KeyboardInterrupt``, ``SystemExit``)
-    always propagates.
+    For bugs of task_scopes only: a mistake of the caller (a bad argument, a callback
+    that raises) is checked for and logged as such where it is made, never here.
+    Logged with its traceback at most once a minute per ``where`` and exception type (a
+    broken transport or encoder would otherwise log once per task), with the count of
+    what was suppressed. A class rather than a generator-based context manager: it costs
+    a fraction of that on the hot paths (publish, prerun, capture), and an instance holds
+    no per-use state, so one can be kept and reused. ``BaseException``
+    (``KeyboardInterrupt``, ``SystemExit``) always propagates.
     """
 
     __slots__ = ("where",)
-    _logs: ClassVar[dict[str, RateLimitedLog]] = {}
+    _logs: ClassVar[RateLimitedLog] = RateLimitedLog(60.0, max_keys=1024)
 
     def __init__(self, where: str) -> None:
         self.where = where
@@ -98,16 +126,12 @@ class guard:  # noqa: N801 - used as ``with guard("where"):``
     ) -> bool:
         if exc_type is None or not issubclass(exc_type, Exception) or _reraise:
             return False
-        log = guard._logs.get(self.where)
-        if log is None:
-            if len(guard._logs) > 1024:  # names are static strings; bound it anyway
-                guard._logs.clear()
-            log = guard._logs.setdefault(self.where, RateLimitedLog(60.0))
-        log.log(
+        guard._logs.log(
             logging.ERROR,
             "task_scopes: internal error in %s (swallowed)",
             self.where,
             exc_info=(exc_type, exc, tb),
+            key=(self.where, exc_type),
         )
         return True
 

@@ -1,10 +1,12 @@
 """JSON-safe coercion and control-character cleaning, used by every layer.
 
-The client makes event properties JSON-safe with it, the web middleware cleans header
-values with it, and the Celery header codec (``task_scopes.celery._header``) makes tags
-JSON-safe with it before they leave the producer.
+The client converts event properties with :func:`event_default` (table in its
+docstring), the web middleware cleans header values with :func:`strip_control`, and the
+Celery header codec (``task_scopes.celery._header``) makes tags JSON-safe with
+:func:`coerce` before they leave the producer.
 
-Coercion is deterministic, so that the same value always encodes to the same bytes:
+:func:`coerce` is strict and deterministic, so that the same tag always encodes to the
+same bytes, and a value it cannot encode is refused (the header drops that tag):
 
 =======================================  ==================================================
 value                                    becomes
@@ -24,6 +26,7 @@ anything else, non-finite float          refused (:class:`Unencodable`)
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import re
@@ -35,13 +38,16 @@ from pathlib import PurePath
 from typing import Any
 from uuid import UUID
 
+from ._internal import RateLimitedLog
+
 __all__ = [
     "MAX_DEPTH",
     "Unencodable",
     "clean_str",
     "clean_value",
     "coerce",
-    "json_default",
+    "event_default",
+    "json_depth",
     "strip_control",
 ]
 
@@ -98,13 +104,91 @@ def coerce(value: Any, *, allow_bytes: bool = False, _depth: int = 0) -> Any:
     raise Unencodable(type(value).__name__)
 
 
-def json_default(value: Any) -> Any:
-    """``json.dumps(default=...)`` hook for event properties: coerces what :func:`coerce`
-    knows (bytes as base64) and turns anything else into None."""
+def event_default(value: Any) -> Any:
+    """``json`` ``default=`` hook for event properties: converts one level of an object
+    JSON has no form for; the encoder then encodes (and converts) what it returns.
+
+    ======================================  ===============================================
+    value                                   in the event
+    ======================================  ===============================================
+    str, int, bool, None, finite float      itself (JSON writes these without this hook)
+    dict, list, tuple                       object, array (likewise)
+    datetime, date, time                    ISO 8601 string (``isoformat()``)
+    UUID, Decimal, pathlib path             ``str(value)``
+    Enum member                             its ``value``, converted
+    set, frozenset                          array, sorted when the items sort
+    other Mapping                           object
+    bytes, bytearray, memoryview            base64 string
+    dataclass instance                      object of its fields
+    object with ``model_dump()``            what it returns (pydantic v2 models)
+    anything else                           null, and a warning naming its type
+    ======================================  ===============================================
+
+    A conversion that raises (a ``model_dump()`` or ``isoformat()`` of the user's) gives
+    null too. Dataclass fields and ``model_dump()`` output are converted one level at a
+    time like any other value, so nesting, cycles and odd field types are handled as
+    anywhere else in the event.
+    """
     try:
-        return coerce(value, allow_bytes=True)
-    except Unencodable:
+        return _convert(value)
+    except Exception:  # the value's own method raised: it has no JSON form
         return None
+
+
+def _convert(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, (UUID, Decimal, PurePath)):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        try:
+            return sorted(value)
+        except TypeError:
+            return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, type):  # a class, not an instance of one
+        return _unknown(value)
+    if dataclasses.is_dataclass(value):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        dumped = value.model_dump()
+        if isinstance(dumped, Mapping):  # a Mock answers any method, with another Mock
+            return dumped
+    return _unknown(value)
+
+
+_unknown_log = RateLimitedLog(60.0)
+
+
+def _unknown(value: Any) -> None:
+    _unknown_log.warning(
+        "task_scopes: a property value of type %s has no JSON form and is sent as null; "
+        "convert it before capture() (str(value), or a dict)",
+        type(value).__qualname__,
+        key=type(value).__qualname__,
+    )
+    return None
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """How many arrays/objects deep the JSON ``text`` nests (a scalar: 0)."""
+    depth = deepest = 0
+    for match in _BRACKET.finditer(_STRING.sub("", text)):
+        if match.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
 
 
 def strip_control(text: str) -> str:

@@ -59,7 +59,6 @@ __all__ = [
     "get_global_scope",
     "get_isolation_scope",
     "merged_context",
-    "merged_groups",
     "override_client",
 ]
 
@@ -352,12 +351,14 @@ def fork_active() -> tuple[Scope, Scope]:
 
 
 class MergedContext(NamedTuple):
-    """What :func:`merged_context` returns: ``tags`` is a new dict the caller may keep."""
+    """What :func:`merged_context` returns: ``tags`` and ``groups`` (group type -> group
+    key) are new dicts the caller may keep."""
 
     distinct_id: str | None
     session_id: str | None
     tags: dict[str, Any]
     window_id: str | None
+    groups: dict[str, str | int]
 
 
 def merged_context(include_global: bool = True) -> MergedContext:
@@ -370,6 +371,7 @@ def merged_context(include_global: bool = True) -> MergedContext:
     isolation = _isolation_var.get()
     current = _current_var.get()
     tags = _global_scope._tags.copy() if include_global else {}
+    groups = _global_scope._groups.copy() if include_global else {}
     distinct_id = session_id = window_id = None
     for scope in (current, isolation):
         if scope is None:
@@ -380,10 +382,16 @@ def merged_context(include_global: bool = True) -> MergedContext:
             session_id = scope._session_id
         if window_id is None:
             window_id = scope._window_id
-    if isolation is not None and isolation._tags:
-        tags.update(isolation._tags)
-    if current is not None and current._tags:
-        tags.update(current._tags)
+    if isolation is not None:
+        if isolation._tags:
+            tags.update(isolation._tags)
+        if isolation._groups:
+            groups.update(isolation._groups)
+    if current is not None:
+        if current._tags:
+            tags.update(current._tags)
+        if current._groups:
+            groups.update(current._groups)
     if include_global:
         if distinct_id is None:
             distinct_id = _global_scope._distinct_id
@@ -391,17 +399,7 @@ def merged_context(include_global: bool = True) -> MergedContext:
             session_id = _global_scope._session_id
         if window_id is None:
             window_id = _global_scope._window_id
-    return MergedContext(distinct_id, session_id, tags, window_id)
-
-
-def merged_groups(include_global: bool = True) -> dict[str, str | int]:
-    """Groups as seen from here, a new dict: global, then isolation, then current scope
-    (later wins per group type); ``include_global`` as in :func:`merged_context`."""
-    groups = _global_scope._groups.copy() if include_global else {}
-    for scope in (_isolation_var.get(), _current_var.get()):
-        if scope is not None and scope._groups:
-            groups.update(scope._groups)
-    return groups
+    return MergedContext(distinct_id, session_id, tags, window_id, groups)
 
 
 # Set by task_scopes.testing.capture_events(): wins over every binding, in every thread.

@@ -12,18 +12,20 @@ import gzip as _gzip
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from . import _defaults
+from . import _capture_rules, _defaults
 from ._internal import RateLimitedLog, logger
 from ._version import __version__
 
@@ -34,6 +36,7 @@ __all__ = [
     "JsonlTransport",
     "Transport",
     "batch_body",
+    "describe_failure",
 ]
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -82,21 +85,61 @@ def batch_body(api_key: str, batch: Sequence[str]) -> bytes:
     ).encode()
 
 
+# urllib3 names the connection object or pool in front of the cause; the host is logged
+# apart, so drop it: "HTTPConnection(host='h', port=9): Failed to establish..." -> "Failed..."
+_POOL_PREFIX = re.compile(r"^(?:<[^<>]* object at 0x[0-9a-fA-F]+>|\w+\(host=[^)]*\)):\s*")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The cause of a failed request, for a log line: the innermost error requests and
+    urllib3 wrapped (a read timeout, connection refused...) and its message, without the
+    pool or connection prefix. Never the URL's credentials, the payload or the API key."""
+    inner: BaseException = exc
+    for _ in range(5):  # requests' ConnectionError(MaxRetryError(reason=...)), at most
+        reason = getattr(inner, "reason", None)
+        if isinstance(reason, BaseException):
+            inner = reason
+        elif inner.args and isinstance(inner.args[0], BaseException):
+            inner = inner.args[0]
+        else:
+            break
+    text = _POOL_PREFIX.sub("", str(inner))[:300]
+    return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
+
+
+class _FailureNote:
+    """The last failure of the request being retried, shared by the ``Retry`` copies
+    urllib3 makes, so that an exit flush can say why a batch is still being retried."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+
+
 class _WindowRetry(Retry):
     """urllib3 ``Retry`` that also gives up once ``window`` seconds passed since the first
-    failure of this request, however many attempts that took."""
+    failure of this request, however many attempts that took, and notes each failure."""
 
     window: float = _defaults.RETRY_WINDOW
+    note: _FailureNote | None = None
     _first_failure: float | None = None
 
     def new(self, **kw: Any) -> _WindowRetry:
         retry = super().new(**kw)
         retry.window = self.window
+        retry.note = self.note
         retry._first_failure = self._first_failure
         return retry
 
     def increment(self, *args: Any, **kwargs: Any) -> _WindowRetry:
         first = self._first_failure if self._first_failure is not None else time.monotonic()
+        if self.note is not None:
+            error, response = kwargs.get("error"), kwargs.get("response")
+            if error is not None:
+                self.note.last = describe_failure(error)
+            elif response is not None:
+                self.note.last = f"answered {response.status}"
         retry = super().increment(*args, **kwargs)
         retry._first_failure = first
         return retry
@@ -142,7 +185,11 @@ class HttpTransport(BaseTransport):
     408, 429 and 5xx are retried with exponential backoff plus jitter, honouring
     ``Retry-After``, until ``retry_window`` seconds have passed since the first failure (or
     ``max_retries`` attempts, if given); a 413 splits the batch in two; any other 4xx drops
-    the batch and logs its size (never its content, never the API key).
+    the batch and logs its size (never its content, never the API key). A redirect (3xx)
+    is not followed (``requests`` would re-send the batch as a ``GET``): it is a failure,
+    logged with the status and where it points. Failures are logged with their cause
+    (connection refused, read timeout...) and the collector's origin, once per 30 s per
+    kind of failure.
 
     Args:
         api_key: project API key (``phc_...``).
@@ -167,15 +214,19 @@ class HttpTransport(BaseTransport):
     ) -> None:
         self.api_key = api_key
         self.url = host.rstrip("/") + "/batch/"
+        # scheme://host:port: what log lines name (a user:password@ in host stays out)
+        self.origin = _origin(self.url)
         self.timeout = timeout
         self.gzip = gzip
+        self._note = _FailureNote()
         retry = _WindowRetry(
             total=max_retries if max_retries is not None else 10_000,
             connect=None,
             read=None,
             status=None,
             other=0,
-            redirect=3,
+            redirect=0,  # a POST answered with a redirect is a failure, never followed
+            raise_on_redirect=False,
             allowed_methods=None,  # POST is safe to retry: event UUIDs are idempotent
             status_forcelist=RETRY_STATUSES,
             backoff_factor=backoff_factor,
@@ -185,6 +236,7 @@ class HttpTransport(BaseTransport):
             raise_on_status=False,
         )
         retry.window = retry_window
+        retry.note = self._note
         self._retry = retry
         self._log = RateLimitedLog(30.0)
         self._lock = threading.Lock()
@@ -215,6 +267,13 @@ class HttpTransport(BaseTransport):
         self._log = RateLimitedLog(30.0)
         self._session = self._new_session()
 
+    @property
+    def last_failure(self) -> str | None:
+        """Why the last attempt failed, e.g. ``"NewConnectionError: Failed to establish a
+        new connection: [Errno 111] Connection refused"`` or ``"answered 503"``; None
+        after a delivery. Also while a batch is still being retried."""
+        return self._note.last
+
     def send(self, batch: Sequence[str]) -> int:
         if not batch:
             return 0
@@ -223,33 +282,62 @@ class HttpTransport(BaseTransport):
         if self.gzip:
             body = _gzip.compress(body, compresslevel=5)
             headers["Content-Encoding"] = "gzip"
+        started = time.monotonic()
         try:
             with self._lock:
                 response = self._session.post(
-                    self.url, data=body, headers=headers, timeout=self.timeout
+                    self.url,
+                    data=body,
+                    headers=headers,
+                    timeout=self.timeout,
+                    allow_redirects=False,
                 )
         except requests.RequestException as exc:
+            cause = describe_failure(exc)
+            self._note.last = cause
             self._log.log(
                 logging.ERROR,
-                "task_scopes: gave up on a batch of %d events (%d bytes): %s",
+                "task_scopes: gave up on a batch of %d events (%d bytes) to %s after %.1f s: %s",
                 len(batch),
                 len(body),
-                type(exc).__name__,
+                self.origin,
+                time.monotonic() - started,
+                cause,
+                key=cause.split(":", 1)[0],
             )
             return len(batch)
         status = response.status_code
+        location = response.headers.get("Location")
         response.close()
         if status < 300:
+            self._note.last = None
             return 0
         if status == 413 and len(batch) > 1:
             half = len(batch) // 2
             return self.send(batch[:half]) + self.send(batch[half:])
+        self._note.last = f"{self.origin} answered {status}"
+        if status < 400:
+            self._log.log(
+                logging.ERROR,
+                "task_scopes: %s answered %d, a redirect to %s, to a batch of %d events "
+                "(%d bytes): not delivered, since a redirect would re-send it as GET; "
+                "set the host to where it points",
+                self.origin,
+                status,
+                _redacted(location),
+                len(batch),
+                len(body),
+                key=status,
+            )
+            return len(batch)
         self._log.log(
             logging.ERROR,
-            "task_scopes: collector answered %d; dropped a batch of %d events (%d bytes)",
+            "task_scopes: collector answered %d; dropped a batch of %d events (%d bytes) to %s",
             status,
             len(batch),
             len(body),
+            self.origin,
+            key=status,
         )
         return len(batch)
 
@@ -258,14 +346,33 @@ class HttpTransport(BaseTransport):
 
 
 class InMemoryTransport(BaseTransport):
-    """Keeps every delivered event as a dict in ``events`` (tests, ``capture_events()``)."""
+    """Keeps every delivered event as a dict in ``events`` (tests, ``capture_events()``).
+
+    As strict as PostHog's capture endpoint (``task_scopes._capture_rules``): a batch
+    holding one event PostHog would refuse is refused whole, logged and counted as
+    failed, so a test sees what production would do with it.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._log = RateLimitedLog(30.0)
         self.events: list[dict[str, Any]] = []
 
     def send(self, batch: Sequence[str]) -> int:
-        parsed = [json.loads(item) for item in batch]
+        parsed = []
+        for item in batch:
+            problem, event = _strict_event(item)
+            if problem:
+                self._log.log(
+                    logging.ERROR,
+                    "task_scopes: InMemoryTransport refused a batch of %d events, as "
+                    "PostHog would: %s",
+                    len(batch),
+                    problem,
+                    key=problem,
+                )
+                return len(batch)
+            parsed.append(event)
         with self._lock:
             self.events.extend(parsed)
         return 0
@@ -278,6 +385,40 @@ class InMemoryTransport(BaseTransport):
     def after_fork_in_child(self) -> None:
         """A new lock: the parent's consumer may have held the old one at the fork."""
         self._lock = threading.Lock()
+
+
+def _strict_event(item: str) -> tuple[str | None, Any]:
+    """``(problem, event)``: why PostHog would refuse the event JSON ``item`` (None if
+    it would not), and the event parsed."""
+    size = len(item.encode("utf-8", "surrogatepass"))
+    if size > _capture_rules.MAX_EVENT_BYTES:
+        return f"event of {size} bytes, over {_capture_rules.MAX_EVENT_BYTES}", None
+    try:
+        # with the two levels of the /batch/ body ({"batch": [...]}) around it
+        event = _capture_rules.loads(f'{{"batch":[{item}]}}'.encode())["batch"][0]
+    except ValueError as exc:
+        return f"invalid JSON: {exc}", None
+    return _capture_rules.event_problem(event), event
+
+
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of ``url``: no credentials, path or query."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+def _redacted(url: str | None) -> str:
+    """``url`` without credentials or query string, for a log line."""
+    if not url:
+        return "nowhere (no Location)"
+    parts = urlsplit(url)
+    if not parts.scheme:
+        return parts.path[:200]
+    return (_origin(url) + parts.path)[:200]
 
 
 class JsonlTransport(BaseTransport):

@@ -2,9 +2,17 @@
 
 ``python -m task_scopes.collector --port 8000 --out events.jsonl`` accepts ``POST /batch/``
 and ``POST /i/v0/e/`` (gzip or plain JSON) as PostHog does, and PostHog's capture v1
-``POST /i/v1/analytics/events`` (bearer key; gzip or deflate), validates the payload shape,
-de-duplicates by event UUID and writes one JSON event per line. It binds to 127.0.0.1
-only. It is not a replacement for PostHog in production.
+``POST /i/v1/analytics/events`` (bearer key; gzip or deflate), de-duplicates by event UUID
+and writes one JSON event per line. It binds to 127.0.0.1 only. It is not a replacement
+for PostHog in production.
+
+It refuses, with 400 and as a whole, any request PostHog's capture endpoint would
+refuse: invalid JSON or UTF-8, ``NaN``/``Infinity``, numbers beyond a 64-bit float,
+nesting deeper than 127, bodies over 20 MiB, a malformed API key, an empty batch, or one
+event with an empty or missing name, a missing or blank distinct ID, a malformed UUID,
+wrongly typed fields or over 1,000,000 bytes. The rules, and where in PostHog's capture
+service each comes from, are in ``task_scopes._capture_rules``; tests that send to this
+collector therefore see what production would do with the same events.
 
 It can also be posthog-js's ``api_host`` during local development, from a page on another
 loopback port: CORS for loopback origins, posthog-js's body encodings on ``/e/`` and
@@ -31,6 +39,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
+from . import _capture_rules
 from ._browser_api import decode_body, decompress
 from ._collector_http import make_handler
 
@@ -75,19 +84,9 @@ def _as_reply(item: int | Reply | tuple[int, Mapping[str, str]]) -> Reply:
 
 
 def _validate_event(event: Any) -> str | None:
-    if not isinstance(event, dict):
-        return "event is not an object"
-    if not isinstance(event.get("event"), str) or not event["event"]:
-        return "event name missing"
-    props = event.get("properties", {})
-    if not isinstance(props, dict):
-        return "properties is not an object"
-    distinct_id = event.get("distinct_id", props.get("distinct_id"))
-    if not isinstance(distinct_id, str) or not distinct_id:
-        return "distinct_id missing"
-    if "uuid" in event and not isinstance(event["uuid"], str):
-        return "uuid is not a string"
-    return None
+    """Why PostHog's capture endpoint would refuse ``event``, or None; the rules, read
+    from PostHog's capture service, are listed in ``task_scopes._capture_rules``."""
+    return _capture_rules.event_problem(event)
 
 
 def parse_payload(
@@ -97,14 +96,17 @@ def parse_payload(
     content_type: str | None = None,
     compression: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Decode a capture request body into its events.
+    """Decode a capture request body into its events, as strictly as PostHog's capture.
 
     Args:
         content_type, compression: the ``Content-Type`` header and the ``compression``
             query parameter, for posthog-js's encodings (a base64 ``data=`` form).
 
     Raises:
-        ValueError: not gzip/base64/JSON, no ``api_key``, or an event of the wrong shape.
+        ValueError: not gzip/base64/JSON, not UTF-8, ``NaN``/``Infinity`` or a number out of
+            range, nested deeper than 127, over 20 MiB, a missing or malformed API key,
+            no event, or one event PostHog refuses (an empty event name, a missing or
+            blank distinct ID, a malformed UUID...): the whole request is refused.
     """
     return batch_payload(
         body, content_encoding, content_type=content_type, compression=compression
@@ -119,27 +121,19 @@ def batch_payload(
     compression: str | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """``(api_key, events)`` of a ``/batch/``-shaped request; raises as :func:`parse_payload`."""
-    payload = json.loads(
-        decode_body(
-            body,
-            content_encoding=content_encoding,
-            content_type=content_type,
-            compression=compression,
-        )
+    data = decode_body(
+        body,
+        content_encoding=content_encoding,
+        content_type=content_type,
+        compression=compression,
     )
-    if not isinstance(payload, dict):
-        raise ValueError("payload is not an object")
-    api_key = payload.get("api_key") or payload.get("token")
-    if not isinstance(api_key, str):
-        raise ValueError("api_key missing")
-    events = payload.get("batch", [payload])
-    if not isinstance(events, list):
-        raise ValueError("batch is not a list")
-    for event in events:
-        problem = _validate_event(event)
-        if problem:
-            raise ValueError(problem)
-    return api_key, events
+    _check_size(data)
+    return _capture_rules.batch_events(_capture_rules.loads(data), body_bytes=len(data))
+
+
+def _check_size(data: bytes) -> None:
+    if len(data) > _capture_rules.MAX_BODY_BYTES:  # PostHog stops decompressing there
+        raise ValueError(f"body over {_capture_rules.MAX_BODY_BYTES} bytes")
 
 
 def parse_v1_payload(
@@ -154,7 +148,12 @@ def parse_v1_payload(
     """
     if not authorization or not authorization.startswith("Bearer ") or not authorization[7:]:
         raise ValueError("Authorization: Bearer <api key> missing")
-    payload = json.loads(decompress(body, content_encoding))
+    problem = _capture_rules.token_problem(authorization[7:])
+    if problem:
+        raise ValueError(problem)
+    data = decompress(body, content_encoding)
+    _check_size(data)
+    payload = _capture_rules.loads(data)
     if not isinstance(payload, dict) or not isinstance(payload.get("batch"), list):
         raise ValueError("batch missing")
     events = []

@@ -3,6 +3,7 @@ shutdown, outages."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -176,23 +177,24 @@ def test_queue_full_drops_the_new_event_counts_it_and_logs_once(
     assert (stats.queued, stats.dropped) == (5, 3)
     full = [r for r in caplog.records if "queue full" in r.getMessage()]
     assert len(full) == 1
-    queued = [e["properties"]["n"] for e in client._queue]
+    queued = [json.loads(e)["properties"]["n"] for e in client._queue]
     assert queued == [0, 1, 2, 3, 4]  # the new events were dropped, not the old
 
 
-def test_event_over_900_kib_is_dropped_and_counted_the_rest_is_sent(
+def test_event_over_900_kib_is_refused_at_capture_and_counted_the_rest_is_sent(
     server: CaptureServer, make_client: MakeClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = make_client(flush_interval=300)
     with caplog.at_level(logging.WARNING, logger="task_scopes"):
-        client.capture("huge", properties={"blob": "x" * (901 * 1024)})
+        assert client.capture("huge", properties={"blob": "x" * (901 * 1024)}) is None
         client.capture("small")
-        assert client.flush(timeout=10) == 1  # the dropped one is undelivered
+        assert client.flush(timeout=10) == 0  # the refused one was never queued
     assert [e["event"] for e in server.wait_for(1)] == ["small"]
     assert client.stats().dropped == 1
     assert client.stats().delivered == 1
     [record] = [r for r in caplog.records if "huge" in r.getMessage()]
-    assert "xxxx" not in record.getMessage()  # the size is logged, not the payload
+    assert "bytes as JSON, over the limit of 921,600" in record.getMessage()  # its size...
+    assert "xxxx" not in record.getMessage()  # ...not its payload
 
 
 def test_batches_stay_under_5_mib(server: CaptureServer, make_client: MakeClient) -> None:
@@ -235,7 +237,7 @@ def test_unserializable_property_values_become_null_instead_of_losing_the_event(
     assert event["properties"]["data"] == "AAE="
 
 
-def test_lone_surrogates_are_replaced_and_the_rest_of_the_batch_is_kept(
+def test_lone_surrogates_become_the_replacement_character_and_the_batch_is_kept(
     server: CaptureServer, make_client: MakeClient
 ) -> None:
     client = make_client(flush_interval=300)
@@ -245,11 +247,11 @@ def test_lone_surrogates_are_replaced_and_the_rest_of_the_batch_is_kept(
     assert client.flush(timeout=10) == 0
     events = {e["event"]: e for e in server.wait_for(3)}
     assert set(events) == {"before", "surrogate", "after"}
-    assert events["surrogate"]["properties"]["path"] == "caf?.txt"
+    assert events["surrogate"]["properties"]["path"] == "caf\ufffd.txt"
     assert client.stats().delivered == 3
 
 
-def test_an_event_nested_too_deep_to_serialize_is_dropped_alone(
+def test_an_event_nested_too_deep_to_serialize_is_refused_alone(
     server: CaptureServer, make_client: MakeClient
 ) -> None:
     nested: dict[str, Any] = {}
@@ -259,9 +261,9 @@ def test_an_event_nested_too_deep_to_serialize_is_dropped_alone(
         inner = inner["x"]
     client = make_client(flush_interval=300)
     client.capture("before")
-    client.capture("too_deep", properties={"nested": nested})
+    assert client.capture("too_deep", properties={"nested": nested}) is None
     client.capture("after")
-    assert client.flush(timeout=10) == 1  # the dropped one is undelivered
+    assert client.flush(timeout=10) == 0
     assert [e["event"] for e in server.wait_for(2)] == ["before", "after"]
     stats = client.stats()
     assert (stats.delivered, stats.dropped) == (2, 1)

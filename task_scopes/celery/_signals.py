@@ -26,7 +26,6 @@ from .._scope import (
     enter_scope,
     exit_scope,
     merged_context,
-    merged_groups,
 )
 from ._failure import NOT_CAPTURED, capture_failure, expected, summary, wanted
 from ._header import (
@@ -145,7 +144,7 @@ def _inject(installed: Installed, headers: dict[str, Any], *, posthog: bool) -> 
     if not options.propagate:
         return
     context = merged_context(include_global=False)
-    groups = merged_groups(include_global=False)
+    groups = context.groups
     empty = not (
         context.distinct_id or context.session_id or context.window_id or context.tags or groups
     )
