@@ -68,8 +68,8 @@ from task_scopes import (
     Scope,
     _api,
     _client,
-    _event,
     _consumer,
+    _event,
     _internal,
     _scope,
 )
