@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -360,11 +361,13 @@ class Client:
                 "task_scopes: queue full (%d events); dropping new events", self.max_queue_size
             )
             return False
+        if not queue:
+            self._counters.oldest = time.monotonic()
         queue.append(item)
         consumer = self._consumer
         if consumer is None:
             consumer = self._start()
-        if len(queue) >= self.flush_at:
+        if len(queue) == self.flush_at:  # once per backlog: the consumer takes it all
             consumer.wake()
         return True
 

@@ -20,13 +20,16 @@ class Counters:
     batch being sent; ``delivered``; ``failed``: given up by the transport; ``dropped``:
     refused by ``capture()`` (invalid, too large, unserializable, queue full,
     ``before_send``). The client owns them; each consumer it starts adds to them, so they
-    survive ``shutdown()`` and a restart.
+    survive ``shutdown()`` and a restart. ``oldest``: ``time.monotonic()`` when an event
+    last went into an empty queue (written by ``capture()`` without the lock: a hint for
+    when a partial batch is due, never a count).
     """
 
-    __slots__ = ("cv", "delivered", "dropped", "failed", "in_flight", "taken")
+    __slots__ = ("cv", "delivered", "dropped", "failed", "in_flight", "oldest", "taken")
 
     def __init__(self) -> None:
         self.cv = threading.Condition(threading.Lock())
+        self.oldest = 0.0
         self.taken = 0
         self.in_flight = 0
         self.delivered = 0
@@ -37,11 +40,15 @@ class Counters:
 class Consumer(threading.Thread):
     """One daemon thread per client and process.
 
-    Wakes when the queue reaches ``flush_at`` events, when ``flush_interval`` seconds have
-    passed, or when :meth:`wake` is called (``flush()``); then sends everything queued in
-    batches of <= ``flush_at`` events and <= 5 MiB. The queue holds events already
-    validated and serialized by ``capture()`` (JSON strings of <= 900 KiB), so the
-    consumer only joins them: nothing it takes can be refused by the collector.
+    Sends a batch when ``flush_at`` events are queued (``capture()`` wakes it), when the
+    oldest queued event has waited ``flush_interval`` seconds, and on ``flush()`` and
+    shutdown; at other wake-ups a partial batch waits. A batch takes everything queued, up
+    to 5 MiB a request, so batches grow with the backlog: a consumer that falls behind (a
+    busy thread holding the GIL makes each request slow) sends fewer, larger requests
+    instead of dropping events. ``flush_at`` is when to send, not a cap on a request. The
+    queue holds events already validated and serialized by ``capture()`` (JSON strings of
+    <= 900 KiB), so the consumer only joins them: nothing it takes can be refused by the
+    collector.
 
     It counts what it does in the client's :class:`Counters`.
     """
@@ -64,9 +71,16 @@ class Consumer(threading.Thread):
         self.flush_interval = flush_interval
         self._wake = threading.Event()
         self._stopping = False
+        self._urgent = False  # flush(): partial batches go now
 
     def wake(self) -> None:
-        """Send what is queued now, without waiting for ``flush_interval``."""
+        """Look at the queue now: send if ``flush_at`` events are queued or a partial batch
+        is due (``capture()`` calls this at ``flush_at``)."""
+        self._wake.set()
+
+    def flush_now(self) -> None:
+        """Send everything queued now, whatever ``flush_interval`` says (``flush()``)."""
+        self._urgent = True
         self._wake.set()
 
     def stop(self) -> None:
@@ -79,19 +93,38 @@ class Consumer(threading.Thread):
         return len(self.queue) + self.counters.in_flight
 
     def run(self) -> None:
+        timeout = self.flush_interval
         while True:
-            self._wake.wait(self.flush_interval)
+            self._wake.wait(timeout)
             self._wake.clear()
             with guard("consumer"):
                 self._drain()
             if self._stopping and not self.queue:
                 return
+            timeout = self._until_due()
+
+    def _until_due(self) -> float:
+        """Seconds until the oldest queued event has waited ``flush_interval`` (the whole
+        interval when the queue is empty: ``capture()`` wakes the consumer at
+        ``flush_at``, and the next look happens an interval later at the latest)."""
+        if not self.queue:
+            return self.flush_interval
+        return max(self.counters.oldest + self.flush_interval - time.monotonic(), 0.0)
 
     def _drain(self) -> None:
         while True:
             with self.cv:
-                batch = self._take()
+                queued = len(self.queue)
+                due = (
+                    queued >= self.flush_at
+                    or self._urgent
+                    or self._stopping
+                    or time.monotonic() - self.counters.oldest >= self.flush_interval
+                )
+                batch = self._take() if queued and due else []
                 if not batch:
+                    if not queued:
+                        self._urgent = False
                     self.cv.notify_all()
                     return
             undelivered = len(batch)
@@ -106,11 +139,11 @@ class Consumer(threading.Thread):
                     self.cv.notify_all()
 
     def _take(self) -> list[str]:
-        """Pop up to ``flush_at`` events, <= 5 MiB in all. Holds :attr:`cv`."""
+        """Pop what is queued, <= 5 MiB in all (at least one event). Holds :attr:`cv`."""
         batch: list[str] = []
         size = 0
         queue = self.queue
-        while queue and len(batch) < self.flush_at:
+        while queue:
             item = queue[0]
             n = len(item) if item.isascii() else len(item.encode())
             if batch and size + n > MAX_BATCH_BYTES:
@@ -130,7 +163,7 @@ class Consumer(threading.Thread):
         plus those the transport gave up while waiting.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.wake()
+        self.flush_now()
         counters = self.counters
         with self.cv:
             lost_before = counters.failed
@@ -141,5 +174,5 @@ class Consumer(threading.Thread):
                 if remaining is not None and remaining <= 0:
                     break
                 self.cv.wait(remaining if remaining is None else min(remaining, 0.5))
-                self.wake()
+                self.flush_now()
             return self.pending() + counters.failed - lost_before
