@@ -122,8 +122,12 @@ def build(
         import task_scopes
         import task_scopes.celery
 
+        # The recommended set-up: init() for the process, install() with the same key and
+        # host, so the app's task runs use init()'s client.
+        host = collector_url or "http://127.0.0.1:9"
+        task_scopes.init(API_KEY, host)
         app.conf.task_scopes_api_key = API_KEY
-        app.conf.task_scopes_host = collector_url or "http://127.0.0.1:9"
+        app.conf.task_scopes_host = host
         task_scopes.celery.install(app)
 
         def capture(event: str, properties: dict[str, Any]) -> object:

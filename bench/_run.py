@@ -123,6 +123,54 @@ def run_eager(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def run_sustained(args: argparse.Namespace) -> dict[str, Any]:
+    """Sustained capture, flushed only at the end, so a consumer that falls behind shows.
+
+    Two loops, each ending with one flush: ``--eager-loop`` eager tasks back to back (each
+    capturing one event), then one thread capturing ``--rate`` events a second for
+    ``--seconds`` seconds (paced every 100 events). Figures: the percentage of the captured
+    events the receiver got, for each loop, and the capture rate the second loop held.
+    """
+    built = build(
+        args.config,
+        broker="memory://",
+        queue=f"bench-{uuid.uuid4().hex[:8]}",
+        eager=True,
+        collector_url=args.collector,
+        sentry_dsn=args.sentry_dsn,
+    )
+    if built.capture is None:
+        return {}
+    status = args.status
+    delay = built.work.delay
+    result: dict[str, Any] = {}
+    with built.caller_context():
+        before = _events(status)
+        for i in range(args.eager_loop):
+            delay(i)
+        built.flush()
+        got = _wait_events(
+            status, before + args.eager_loop, quiet=5.0, deadline=time.monotonic() + 120
+        )
+        result["sustained_eager_delivered_pct"] = 100.0 * (got - before) / args.eager_loop
+        capture = built.capture
+        total = int(args.rate * args.seconds)
+        before = _events(status)
+        start = time.perf_counter()
+        for i in range(total):
+            capture("bench_sustained", {"i": i})
+            if i % 100 == 99:
+                ahead = start + (i + 1) / args.rate - time.perf_counter()
+                if ahead > 0:
+                    time.sleep(ahead)
+        elapsed = time.perf_counter() - start
+        built.flush()
+        got = _wait_events(status, before + total, quiet=5.0, deadline=time.monotonic() + 120)
+    result["sustained_capture_eps"] = total / elapsed
+    result["sustained_capture_delivered_pct"] = 100.0 * (got - before) / total
+    return result
+
+
 def _cpu_seconds(proc: Any) -> float:
     t = proc.cpu_times()
     return float(t.user + t.system + t.children_user + t.children_system)
@@ -268,7 +316,7 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("scenario", choices=("publish", "eager", "e2e"))
+    parser.add_argument("scenario", choices=("publish", "eager", "e2e", "sustained"))
     parser.add_argument("--config", required=True)
     parser.add_argument("--collector", help="PostHog-style capture host (loopback)")
     parser.add_argument("--sentry-dsn")
@@ -278,8 +326,16 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--eager-loop", type=int, default=21_000)
+    parser.add_argument("--rate", type=float, default=10_000.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
-    runner = {"publish": run_publish, "eager": run_eager, "e2e": run_e2e}[args.scenario]
+    runner = {
+        "publish": run_publish,
+        "eager": run_eager,
+        "e2e": run_e2e,
+        "sustained": run_sustained,
+    }[args.scenario]
     result = runner(args)
     print(json.dumps(result), flush=True)
     return 0

@@ -36,6 +36,10 @@ worker cpu / worker peak rss
     clients' sending threads); its peak resident set (``VmHWM``) over its whole life.
 delivered
     unique events at the receiver / events captured, eager and end to end.
+sustained
+    flushed only at the end, so a consumer that falls behind shows: 21,000 eager tasks
+    back to back (delivered %), then one thread capturing 10,000 events a second for
+    10 s (the rate it held, and delivered %), default client options.
 
 Receivers run in this process on loopback: ``task_scopes.testing.CaptureServer`` for
 PostHog's capture API (task_scopes and PostHog) and a small envelope counter for Sentry.
@@ -97,6 +101,21 @@ FIGURES = (
     Figure("worker_rss_mib", "worker peak rss", "MiB", target=1.15),
     Figure("eager_delivered_pct", "delivered, eager", "%", percent=True, target=100.0),
     Figure("e2e_delivered_pct", "delivered, e2e", "%", percent=True, target=100.0),
+    Figure(
+        "sustained_eager_delivered_pct",
+        "sustained eager",
+        "%",
+        percent=True,
+        target=100.0,
+    ),
+    Figure("sustained_capture_eps", "sustained capture", "ev/s", higher_is_better=True),
+    Figure(
+        "sustained_capture_delivered_pct",
+        "  delivered",
+        "%",
+        percent=True,
+        target=100.0,
+    ),
 )
 
 
@@ -112,6 +131,8 @@ def _run(scenario: str, config: str, args: argparse.Namespace) -> dict[str, Any]
             cmd += ["--calls", str(args.calls), "--rounds", str(args.rounds)]
         elif scenario == "eager":
             cmd += ["--tasks", str(args.eager_tasks), "--rounds", str(args.rounds)]
+        elif scenario == "sustained":
+            cmd += ["--eager-loop", str(args.eager_loop), "--seconds", str(args.sustained_seconds)]
         else:
             cmd += ["--tasks", str(args.tasks)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=BENCH)
@@ -216,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 5)")
     parser.add_argument("--tasks", type=int, default=None, help="e2e tasks (default 5000)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated")
-    parser.add_argument("--scenarios", default="publish,eager,e2e", help="comma-separated subset")
+    parser.add_argument(
+        "--scenarios", default="publish,eager,e2e,sustained", help="comma-separated subset"
+    )
     parser.add_argument(
         "--redis",
         default=os.environ.get("TASK_SCOPES_BENCH_REDIS", "private"),
@@ -228,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps if args.reps is not None else (1 if args.quick else 5)
     args.tasks = args.tasks if args.tasks is not None else (500 if args.quick else 5000)
     args.eager_tasks = 500 if args.quick else 3000
+    args.eager_loop = 2_000 if args.quick else 21_000
+    args.sustained_seconds = 1.0 if args.quick else 10.0
     args.calls = 500 if args.quick else 2000
     args.rounds = 3 if args.quick else 5
 
