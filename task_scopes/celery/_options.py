@@ -164,7 +164,7 @@ def _task_filter(key: str, value: Any) -> TaskFilter | None:
         from kombu.utils.imports import symbol_by_name
 
         try:
-            func = symbol_by_name(value)  # type: ignore[no-untyped-call]
+            func = symbol_by_name(value)  # type: ignore[no-untyped-call,unused-ignore]  # kombu 5.3 has no types
         except (ImportError, AttributeError, ValueError) as exc:
             raise ConfigError(f"{key}: cannot import {value!r}: {exc}") from exc
         if callable(func):
