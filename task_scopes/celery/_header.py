@@ -354,6 +354,21 @@ def sign(header: str, secret: str) -> str:
     return hmac.new(secret.encode(), header.encode(), hashlib.sha256).hexdigest()
 
 
+def check_signature(header: str, signature: Any, secret: str) -> None:
+    """Raise :class:`WireError` unless ``signature`` is the HMAC of ``header`` under
+    ``secret`` (:func:`sign`)."""
+    if not isinstance(signature, str):
+        raise WireError("signature missing")
+    if not signature.isascii():  # compare_digest() raises TypeError on non-ASCII str
+        raise WireError("signature is not hex")
+    try:
+        expected = sign(header, secret)
+    except UnicodeEncodeError as exc:  # lone surrogates: cannot have been signed
+        raise WireError("header is not UTF-8") from exc
+    if not hmac.compare_digest(expected, signature):
+        raise WireError("signature mismatch")
+
+
 def decode(
     header: Any,
     signature: Any = None,
@@ -376,16 +391,7 @@ def decode(
     if len(header) > _DECODE_LIMIT:
         raise WireError(f"header of {len(header)} characters is too large")
     if secret is not None:
-        if not isinstance(signature, str):
-            raise WireError("signature missing")
-        if not signature.isascii():  # compare_digest() raises TypeError on non-ASCII str
-            raise WireError("signature is not hex")
-        try:
-            expected = sign(header, secret)
-        except UnicodeEncodeError as exc:  # lone surrogates: cannot have been signed
-            raise WireError("header is not UTF-8") from exc
-        if not hmac.compare_digest(expected, signature):
-            raise WireError("signature mismatch")
+        check_signature(header, signature, secret)
     try:
         payload = json.loads(header)
     except (ValueError, RecursionError) as exc:

@@ -20,9 +20,9 @@ from ._header import (
     Limits,
     WireContext,
     WireError,
-    decode,
     decode_posthog,
 )
+from ._memo import decode_header
 
 __all__ = ["CARRIED", "carried_headers", "read_context", "task_tags"]
 
@@ -70,7 +70,7 @@ def read_context(
     """
     header = headers.get(HEADER)
     if header is not None:
-        return decode(header, headers.get(SIG_HEADER), secret, limits)
+        return decode_header(header, headers.get(SIG_HEADER), secret, limits)
     distinct_id = headers.get(POSTHOG_DISTINCT_ID)
     session_id = headers.get(POSTHOG_SESSION_ID)
     tags = headers.get(POSTHOG_TAGS)

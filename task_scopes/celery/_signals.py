@@ -37,9 +37,9 @@ from ._header import (
     Limits,
     WireContext,
     WireError,
-    encode,
     sign,
 )
+from ._memo import publish_header
 from ._registry import REGISTRY, Installed
 from ._request import CARRIED, carried_headers, read_context, task_tags
 
@@ -150,15 +150,7 @@ def _inject(installed: Installed, headers: dict[str, Any], *, posthog: bool) -> 
     )
     if empty and any(name in headers for name in _CONTEXT_HEADERS):
         return
-    header, dropped = encode(
-        context.distinct_id,
-        context.session_id,
-        context.tags,
-        installed.limits,
-        window_id=context.window_id,
-        groups=groups,
-        published_ms=time.time_ns() // 1_000_000,
-    )
+    header, dropped = publish_header(context, installed.limits, time.time_ns() // 1_000_000)
     # Top level only, never headers["headers"]: see task_scopes.celery._header (celery#4875).
     headers[HEADER] = header
     if options.secret is not None:
