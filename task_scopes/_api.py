@@ -113,7 +113,7 @@ def capture(
     uuid: str | None = None,
     groups: Mapping[str, str | int] | None = None,
 ) -> str | None:
-    """Capture an event with :the client of :func:`get_client`; see :meth:`Client.capture`.
+    """Capture an event with the client of :func:`get_client`; see :meth:`Client.capture`.
 
     Example::
 
@@ -143,7 +143,7 @@ def capture_exception(
     distinct_id: str | None = None,
     properties: Mapping[str, Any] | None = None,
 ) -> str | None:
-    """Capture an exception with :the client of :func:`get_client`; see
+    """Capture an exception with the client of :func:`get_client`; see
     :meth:`Client.capture_exception`."""
     try:
         return get_client().capture_exception(exc, distinct_id=distinct_id, properties=properties)
@@ -184,7 +184,7 @@ def flush(timeout: float | None = 10.0) -> int:
 
 
 def shutdown(timeout: float | None = 10.0) -> int:
-    """Flush and stop :the client of :func:`get_client`. timeout: seconds (float); None waits
+    """Flush and stop the client of :func:`get_client`. timeout: seconds (float); None waits
     forever. Returns the number of events still undelivered (as :func:`flush`)."""
     client = get_client()
     try:
@@ -209,8 +209,9 @@ class new_context:  # noqa: N801 - PostHog's name; a class so it is also a decor
     """Open a context: an isolation scope for a block of work. Context manager and decorator.
 
     Args:
-        fresh: False (default) inherits distinct ID, session ID and tags of the enclosing
-            context and may override them; True starts empty (global tags still apply).
+        fresh: False (default) inherits distinct ID, session ID, window ID, groups, tags
+            and bound client of the enclosing context and may override them; True starts
+            empty (the global scope still applies).
         capture_exceptions: capture an exception escaping the block as ``$exception``
             (once), then re-raise it unchanged.
 

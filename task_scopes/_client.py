@@ -415,6 +415,12 @@ class Client:
             _FLUSH_GUARD.failed()
             return len(self._queue)
 
+    def send_now(self) -> None:
+        """Make the consumer send what is queued now, without waiting (see :meth:`flush`)."""
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.flush_now()
+
     def shutdown(self, timeout: float | None = 10.0) -> int:
         """Flush, then stop the consumer thread. A later ``capture()`` starts a new one.
 
@@ -424,6 +430,7 @@ class Client:
         Returns:
             The number of events still undelivered.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._start_lock:
             consumer, self._consumer = self._consumer, None
         if consumer is None:
@@ -435,7 +442,7 @@ class Client:
             undelivered = len(self._queue)
         consumer.stop()
         if undelivered == 0:
-            consumer.join(timeout)
+            consumer.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
         return undelivered
 
     def stats(self) -> ClientStats:

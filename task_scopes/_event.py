@@ -141,6 +141,23 @@ def check_cookieless(props: Mapping[str, Any]) -> None:
         raise Refused("the $cookieless_mode property must be True or False", "cookieless")
 
 
+def check_groups(value: Any) -> Mapping[str, str | int] | None:
+    """``value`` if it is None or a mapping of str group types to str or int group keys.
+    Raises :class:`Refused`."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise Refused(f"groups must be a dict (mapping), got {_kind_of(value)}", "groups")
+    for group_type, group_key in value.items():
+        if type(group_type) is not str or type(group_key) not in (str, int):
+            raise Refused(
+                "groups map a group type (str) to a group key (str or int), got "
+                f"{_kind_of(group_type)} -> {_kind_of(group_key)}",
+                "groups",
+            )
+    return value
+
+
 def check_properties(value: Any) -> Mapping[str, Any] | None:
     """``value`` if it is None or a mapping. Raises :class:`Refused`."""
     if value is None or type(value) is dict or isinstance(value, Mapping):
@@ -177,7 +194,8 @@ def build(
 ) -> dict[str, Any]:
     """The event dict ``capture()`` makes of its arguments and the active scopes: the
     scopes' tags, then ``properties``, ``$groups`` (the scopes', a ``$groups`` mapping in
-    ``properties``, then ``groups``), ``$session_id``, ``$window_id``, ``$lib``. The distinct ID is
+    ``properties``, then ``groups``), ``$session_id``, ``$window_id``, ``$lib``. The
+    distinct ID is
     ``distinct_id`` unless it is None or blank, else the scopes' unless that is None or
     blank, else the event is personless (``$process_person_profile: false``, a fresh UUID
     as distinct ID).
@@ -188,6 +206,7 @@ def build(
     """
     name = check_name(event)
     properties = check_properties(properties)
+    groups = check_groups(groups)
     uid = check_uuid(uuid) or uuid7()
     context = merged_context()
     props = context.tags

@@ -37,8 +37,11 @@ def flush_all(timeout: float | None, *, stop: bool = False) -> int:
         The number of events still undelivered, summed over the clients.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    clients = live_clients()
+    for client in clients:  # all start sending now: one slow collector delays no other
+        client.send_now()
     left = 0
-    for client in live_clients():
+    for client in clients:
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         undelivered = client.shutdown(remaining) if stop else client.flush(remaining)
         if undelivered:

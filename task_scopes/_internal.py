@@ -2,7 +2,7 @@
 
 Instrumentation must never break the host application: every signal handler and every
 background path runs inside :func:`guard`, which logs on the ``task_scopes`` logger and
-swallows. Tests (and ``debug=True``) make it re-raise so a swallowed bug fails loudly.
+swallows. Tests make it re-raise (:func:`set_reraise`) so a swallowed bug fails loudly.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _reraise = False
 
 
 def set_reraise(value: bool) -> bool:
-    """Make :func:`guard` re-raise (tests, ``debug=True``). Returns the previous value."""
+    """Make :func:`guard` re-raise (tests only). Returns the previous value."""
     global _reraise
     previous, _reraise = _reraise, value
     return previous

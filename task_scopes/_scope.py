@@ -192,13 +192,13 @@ class Scope:
         self._tags.pop(key, None)
 
     def clear(self) -> None:
-        """Forget distinct ID, session ID, window ID, groups and tags."""
+        """Forget distinct ID, session ID, window ID, groups and tags (a bound client
+        stays: :meth:`set_client` unbinds it)."""
         self._distinct_id = None
         self._session_id = None
         self._window_id = None
         self._groups = {}
         self._tags = {}
-        self._client = None
 
 
 _global_scope = Scope()

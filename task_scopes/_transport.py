@@ -251,8 +251,9 @@ class HttpTransport(BaseTransport):
             {"Content-Type": "application/json", "User-Agent": f"task_scopes/{__version__}"}
         )
         # What requests would read from the environment on every POST (proxy variables
-        # with no_proxy, the CA bundle variables, ~/.netrc), resolved once per session: the
-        # consumer POSTs to one URL, and per-request look-ups cost it more than the send.
+        # with no_proxy, the CA bundle variables), resolved once per session: the consumer
+        # POSTs to one URL, and per-request look-ups cost it more than the send. No
+        # ~/.netrc: the capture API takes its key in the body.
         proxies = requests.utils.get_environ_proxies(self.url)
         ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
         session.trust_env = False

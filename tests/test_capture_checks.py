@@ -28,7 +28,7 @@ import pytest
 
 import task_scopes
 from task_scopes import Client, _client, _internal
-from task_scopes.testing import CaptureServer, Reply
+from task_scopes.testing import CaptureServer, Reply, capture_events
 
 MakeClient = Callable[..., Client]
 
@@ -549,3 +549,11 @@ def test_credentials_in_the_host_never_reach_a_log_line(
     [line] = _messages(caplog)
     assert server.url in line
     assert "hunter2" not in line and "user:" not in line
+
+
+def test_groups_of_the_wrong_shape_are_refused_at_capture() -> None:
+    with capture_events() as captured:
+        assert task_scopes.capture("e", groups="acme") is None  # type: ignore[arg-type]
+        assert task_scopes.capture("e", groups={"company": ["a"]}) is None  # type: ignore[dict-item]
+        assert task_scopes.capture("e", groups={"company": 7}) is not None
+    assert [e["properties"]["$groups"] for e in captured.events] == [{"company": 7}]

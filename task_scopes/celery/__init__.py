@@ -46,6 +46,11 @@ Celery signal                  process       task_scopes
 ``task_failure``               main          hard time limit or lost child: the scope is
                                              rebuilt from the received header; captured
                                              once (Celery 5.7 fires it twice)
+``task_retry``                 child         the retry event (``task_events``); each
+                                             retried attempt's ``$exception`` only with
+                                             ``capture_retries``
+``task_received``              main          under prefork, keeps the task's context
+                                             headers (bounded) for failures reported there
 ``worker_init``                main          keeps received headers only under prefork
 ``task_internal_error``        eager caller  ``task_eager_propagates`` / ``apply(throw=
                                              True)``: Celery sends no ``task_failure``;
@@ -91,7 +96,8 @@ key                                 default        meaning
                                                    (named in a warning); nested strings
                                                    are cut
 ``task_scopes_encode_bytes``        False          bytes tag values as base64 (else dropped)
-``task_scopes_flush_at``            100            events per batch
+``task_scopes_flush_at``            100            queued events that wake the sender (a
+                                                   request takes all queued, <= 5 MiB)
 ``task_scopes_flush_interval``      0.5            seconds a partial batch waits
 ``task_scopes_max_queue_size``      10000          events held in memory per process
 ``task_scopes_timeout``             10.0           seconds per HTTP attempt

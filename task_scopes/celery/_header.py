@@ -4,7 +4,8 @@ Wire format (version 1)
 -----------------------
 One message header at the top level of the task message:
 
-* ``task_scopes``: compact JSON, keys sorted, every field but ``v`` optional:
+* ``task_scopes``: compact JSON, ``p`` first then the other keys sorted (the producer
+  memoizes the rest per context), every field but ``v`` optional:
 
   =====  ====================================================================
   key    value

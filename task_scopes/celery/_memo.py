@@ -31,18 +31,8 @@ def publish_header(
 ) -> tuple[str, list[str]]:
     """``(header, dropped)`` for a task published now from ``context``: as
     :func:`~task_scopes.celery._header.encode` gives them, the publish time first."""
-    try:
-        key: Any = (
-            context.distinct_id,
-            context.session_id,
-            context.window_id,
-            tuple(context.tags.items()),
-            tuple(context.groups.items()),
-            limits,
-        )
-        cached = _encoded.get(key)
-    except TypeError:  # an unhashable tag value (a list, a dict): encoded every time
-        key = cached = None
+    key = _key(context, limits)
+    cached = _encoded.get(key) if key is not None else None
     if cached is None:
         rest, dropped = encode(
             context.distinct_id,
@@ -59,6 +49,29 @@ def publish_header(
             _encoded[key] = cached
     rest, dropped_keys = cached
     return f"{_PREFIX}{published_ms},{rest[1:]}", list(dropped_keys)
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _key(context: MergedContext, limits: Limits) -> tuple[Any, ...] | None:
+    """The memo key of ``context``; None (not memoized) when a tag or group value is not a
+    plain scalar. Values go in with their exact type: ``1``, ``1.0`` and ``True`` are
+    equal in Python but encode differently. Keys that never travel (``celery_*``, ``$``)
+    are left out, so a task publishing subtasks still hits the memo."""
+    items: list[Any] = []
+    for mapping in (context.tags, context.groups):
+        for name, value in mapping.items():
+            if type(value) not in _SCALARS:
+                return None
+            if type(name) is str and name.startswith(("celery_", "$")):
+                continue
+            items.append((name, type(value), value))
+        items.append(None)  # tags, then groups
+    try:
+        return (context.distinct_id, context.session_id, context.window_id, *items, limits)
+    except TypeError:  # an ID of another type: never memoized
+        return None
 
 
 def decode_header(header: Any, signature: Any, secret: str | None, limits: Limits) -> WireContext:

@@ -44,7 +44,11 @@ class Installed:
         if options.api_key is None:
             return None
         bound = get_global_scope().client
-        if bound is not None and bound.api_key == options.api_key and bound.host == options.host:
+        if (
+            bound is not None
+            and bound.api_key == options.api_key
+            and bound.host.rstrip("/") == options.host.rstrip("/")
+        ):
             return bound
         key = self.client_key
         assert key is not None

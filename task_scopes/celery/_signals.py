@@ -221,6 +221,8 @@ def _latency_ms(context: WireContext | None, started: float | None) -> int | Non
     this host's clock), clamped at 0; None without both."""
     if context is None or context.published_ms is None or started is None:
         return None
+    if context.published_ms <= 0:  # not a publish time (a crafted header)
+        return None
     return max(0, round(started * 1000) - context.published_ms)
 
 

@@ -82,3 +82,21 @@ def test_malformed_leading_publish_times_are_refused_as_decode_refuses_them(
 ) -> None:
     with pytest.raises(WireError):
         _memo.decode_header(header, None, None, LIMITS)
+
+
+def test_equal_values_of_other_types_are_not_taken_from_the_memo() -> None:
+    as_bool, _ = _memo.publish_header(_context(x=True), LIMITS, 1)
+    as_float, _ = _memo.publish_header(_context(x=1.0), LIMITS, 1)
+    as_int, _ = _memo.publish_header(_context(x=1), LIMITS, 1)
+    assert [json.loads(h)["t"]["x"] for h in (as_bool, as_float, as_int)] == [True, 1.0, 1]
+    assert [type(json.loads(h)["t"]["x"]) for h in (as_bool, as_float, as_int)] == [
+        bool,
+        float,
+        int,
+    ]
+
+
+def test_keys_that_never_travel_do_not_defeat_the_memo() -> None:
+    first = _memo._key(_context(plan="pro", celery_task_id="a"), LIMITS)
+    second = _memo._key(_context(plan="pro", celery_task_id="b"), LIMITS)
+    assert first is not None and first == second
