@@ -22,7 +22,7 @@ import task_scopes
 import task_scopes.celery
 from task_scopes import Client
 from task_scopes._internal import RateLimitedLog
-from task_scopes.celery import _signals
+from task_scopes.celery import _memo, _signals
 from task_scopes.testing import CaptureServer, InMemoryTransport
 
 from .support import Records, default_client, memory_app, running, swallowing
@@ -149,7 +149,8 @@ def _broken_encode(*_: Any, **__: Any) -> Any:
 def test_encoder_raising_every_task_is_published_and_succeeds(
     worker: Worker, records: Records, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_signals, "encode", _broken_encode)
+    monkeypatch.setattr(_memo, "encode", _broken_encode)
+    monkeypatch.setattr(_memo, "_encoded", {})  # nothing memoized from earlier tests
     with default_client(Client(transport=InMemoryTransport(), flush_interval=0.05)) as client:
         results = worker.run()
         _own_results(results)
@@ -163,7 +164,8 @@ def test_encoder_raising_every_task_is_published_and_succeeds(
 def test_encoder_raising_is_logged_once_per_interval(
     worker: Worker, records: Records, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_signals, "encode", _broken_encode)
+    monkeypatch.setattr(_memo, "encode", _broken_encode)
+    monkeypatch.setattr(_memo, "_encoded", {})  # nothing memoized from earlier tests
     with default_client(Client(transport=InMemoryTransport(), flush_interval=0.05)):
         worker.run()
     logged = records.containing("before_task_publish")
