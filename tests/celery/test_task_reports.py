@@ -182,7 +182,9 @@ def test_every_event_of_a_run_carries_the_time_in_queue_countdown_included(
     ]
     latencies = {e["properties"]["celery_queue_latency_ms"] for e in events}
     assert len(latencies) == 1
-    assert latencies.pop() >= 300
+    # Celery computes the ETA (now + 0.3 s) a moment before the publish time is written,
+    # and the worker's timer may fire a few ms early: the countdown shows, less that.
+    assert latencies.pop() >= 250
 
 
 def test_a_publish_time_in_the_future_gives_zero_not_a_negative_latency(
