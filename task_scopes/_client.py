@@ -40,6 +40,7 @@ _clients_lock = threading.Lock()
 debug_logger = logging.getLogger("task_scopes.debug")
 _CAPTURE_GUARD = guard("capture")
 _FLUSH_GUARD = guard("flush")
+_CAPTURE_EXCEPTION_GUARD = guard("capture_exception")
 
 
 class ClientStats(NamedTuple):
@@ -317,7 +318,7 @@ class Client:
         except Refused as refused:
             self._refuse("capture_exception", "$exception", refused)
             return None
-        with guard("capture_exception"):
+        with _CAPTURE_EXCEPTION_GUARD:
             if not mark_captured(exc):
                 return None
             props: dict[str, Any] = {
