@@ -35,6 +35,7 @@ to that request's user. A child that should go on with a scope is handed it expl
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar, Token
@@ -51,6 +52,7 @@ __all__ = [
     "Tokens",
     "active_isolation_scope",
     "active_scopes",
+    "active_stamps",
     "bound_client",
     "enter_scope",
     "exit_scope",
@@ -61,6 +63,13 @@ __all__ = [
     "merged_context",
     "override_client",
 ]
+
+
+# Every scope state gets a stamp never used before in this process (creation, fork and
+# every change take a new one), so (isolation stamp, current stamp) names the exact
+# context active: a key for memos of what is derived from it. itertools.count is atomic
+# under the GIL.
+_next_stamp = itertools.count(1).__next__
 
 
 class Scope:
@@ -84,6 +93,7 @@ class Scope:
         "_groups",
         "_owner",
         "_session_id",
+        "_stamp",
         "_tags",
         "_window_id",
     )
@@ -104,6 +114,7 @@ class Scope:
         self._tags: dict[str, Any] = dict(tags) if tags else {}
         self._owner: object = None
         self._client: Client | None = None
+        self._stamp = _next_stamp()
 
     def __repr__(self) -> str:
         return (
@@ -121,6 +132,7 @@ class Scope:
         child._tags = self._tags.copy()
         child._owner = None
         child._client = self._client
+        child._stamp = _next_stamp()
         return child
 
     @property
@@ -162,14 +174,17 @@ class Scope:
     def set_distinct_id(self, distinct_id: str | None) -> None:
         """Set (or with None, unset) the distinct ID of this scope."""
         self._distinct_id = distinct_id
+        self._stamp = _next_stamp()
 
     def set_session_id(self, session_id: str | None) -> None:
         """Set (or with None, unset) the session ID of this scope."""
         self._session_id = session_id
+        self._stamp = _next_stamp()
 
     def set_window_id(self, window_id: str | None) -> None:
         """Set (or with None, unset) the window ID (``$window_id``) of this scope."""
         self._window_id = window_id
+        self._stamp = _next_stamp()
 
     def set_group(self, group_type: str, group_key: str | int | None) -> None:
         """Attribute this scope's events to a group (PostHog's ``$groups``), e.g.
@@ -178,18 +193,22 @@ class Scope:
             self._groups.pop(group_type, None)
         else:
             self._groups[group_type] = group_key
+        self._stamp = _next_stamp()
 
     def set_tag(self, key: str, value: Any) -> None:
         """Set one tag; ``key`` is a property name, ``value`` anything JSON can carry."""
         self._tags[key] = value
+        self._stamp = _next_stamp()
 
     def update_tags(self, tags: Mapping[str, Any]) -> None:
         """Set several tags at once; later keys win, as with ``dict.update``."""
         self._tags.update(tags)
+        self._stamp = _next_stamp()
 
     def remove_tag(self, key: str) -> None:
         """Remove one tag of this scope; a missing key is ignored."""
         self._tags.pop(key, None)
+        self._stamp = _next_stamp()
 
     def clear(self) -> None:
         """Forget distinct ID, session ID, window ID, groups and tags (a bound client
@@ -199,6 +218,7 @@ class Scope:
         self._window_id = None
         self._groups = {}
         self._tags = {}
+        self._stamp = _next_stamp()
 
 
 _global_scope = Scope()
@@ -254,6 +274,19 @@ def active_scopes() -> tuple[Scope | None, Scope | None]:
     """The isolation and current scopes active here (None where none is); neither
     created nor forked."""
     return _isolation_var.get(), _current_var.get()
+
+
+def active_stamps() -> tuple[int, int]:
+    """Stamps of the isolation and current scopes active here (0 where none is): equal
+    pairs mean the same context, as :func:`merged_context` without the global scope
+    would give it (a mutable tag value changed in place excepted). Neither creates nor
+    forks a scope."""
+    isolation = _isolation_var.get()
+    current = _current_var.get()
+    return (
+        isolation._stamp if isolation is not None else 0,
+        current._stamp if current is not None else 0,
+    )
 
 
 def get_current_scope() -> Scope:

@@ -243,6 +243,17 @@ class HttpTransport(BaseTransport):
         self._session = self._new_session()
 
     def _new_session(self) -> requests.Session:
+        session = self._make_session()
+        # One prepared POST per session, copied for each batch: preparing a request
+        # (URL parsing, merging the session's headers, hooks, auth) costs the consumer
+        # about a third of a send. The capture API sets no cookies, so none is merged.
+        headers = {"Content-Encoding": "gzip"} if self.gzip else {}
+        self._template = session.prepare_request(
+            requests.Request("POST", self.url, headers=headers, data=b"")
+        )
+        return session
+
+    def _make_session(self) -> requests.Session:
         session = requests.Session()
         adapter = HTTPAdapter(max_retries=self._retry, pool_connections=1, pool_maxsize=2)
         session.mount("http://", adapter)
@@ -279,20 +290,18 @@ class HttpTransport(BaseTransport):
         if not batch:
             return 0
         body = batch_body(self.api_key, batch)
-        headers = {}
         if self.gzip:
-            body = _gzip.compress(body, compresslevel=5)
-            headers["Content-Encoding"] = "gzip"
+            # Level 1: a third of the CPU of level 5 for about a tenth more bytes on
+            # batches of events (which repeat their keys); the consumer shares the GIL
+            # with the application, the network has room.
+            body = _gzip.compress(body, compresslevel=1)
         started = time.monotonic()
         try:
             with self._lock:
-                response = self._session.post(
-                    self.url,
-                    data=body,
-                    headers=headers,
-                    timeout=self.timeout,
-                    allow_redirects=False,
-                )
+                request = self._template.copy()
+                request.body = body
+                request.headers["Content-Length"] = str(len(body))
+                response = self._session.send(request, timeout=self.timeout, allow_redirects=False)
         except requests.RequestException as exc:
             cause = describe_failure(exc)
             self._note.last = cause

@@ -74,7 +74,7 @@ from task_scopes import (
     _scope,
 )
 from task_scopes.asgi import ContextMiddleware as AsgiMiddleware
-from task_scopes.celery import _signals
+from task_scopes.celery import _memo, _signals
 from task_scopes.testing import capture_events
 from task_scopes.wsgi import ContextMiddleware as WsgiMiddleware
 
@@ -437,7 +437,7 @@ def test_before_task_publish_failing_still_publishes_the_task(faults: Faults) ->
         pass
 
     task_scopes.celery.install(app)
-    faults.inject(_signals, "merged_context")
+    faults.inject(_memo, "merged_context")
     try:
         with task_scopes.new_context():
             task_scopes.identify_context("user-1")

@@ -170,8 +170,7 @@ def install(app: Any, **overrides: Any) -> Options:
     with REGISTRY.lock:
         installed = Installed(options, options.limits)
         previous = REGISTRY.apps.get(app)
-        REGISTRY.apps[app] = installed
-        REGISTRY.last = installed
+        REGISTRY.set_installed(app, installed)
         for signal, handler in _HANDLERS:
             signal.connect(handler, weak=False, dispatch_uid=_uid(signal))
         # Cold shutdown fires no worker_shutdown: the exit flush covers it.
@@ -191,11 +190,9 @@ def uninstall(app: Any) -> bool:
     client made with ``task_scopes.init()`` is left running.
     """
     with REGISTRY.lock:
-        installed = REGISTRY.apps.pop(app, None)
+        installed = REGISTRY.remove(app)
         if installed is None:
             return False
-        if REGISTRY.last is installed:
-            REGISTRY.last = next(iter(REGISTRY.apps.values()), None)
         if not REGISTRY.apps:
             for signal, handler in _HANDLERS:
                 signal.disconnect(handler, dispatch_uid=_uid(signal))

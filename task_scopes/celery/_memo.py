@@ -6,24 +6,73 @@ the publish time differs between them: the producer writes it first, ``{"p":<ms>
 in front of the memoized rest (JSON objects are unordered, and a signature covers the
 exact string sent), and the worker splits it off before looking the rest up. A header in
 any other form (another producer, an older version) is decoded in full.
+
+On publish, the encoding is first looked up by the stamps of the active scopes (see
+:func:`task_scopes._scope.active_stamps`), which skips merging the scopes at all; a miss
+falls back to the memo keyed by the context's content, so a task publishing subtasks
+from its own (new) scope still finds its caller's encoding.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
-from .._scope import MergedContext
+from .._scope import MergedContext, active_stamps, merged_context
 from ._header import Limits, WireContext, check_signature, decode, encode
 
-__all__ = ["decode_header", "publish_header"]
+__all__ = ["ContextHeader", "context_header", "decode_header", "publish_header"]
 
 _PREFIX = '{"p":'
 _P_RESERVE = 24  # bytes kept free under the cap for '"p":' + the milliseconds + ','
 _MAX_ENTRIES = 256  # per memo; a full memo is emptied (each request's context is new)
 
 _encoded: dict[Any, tuple[str, tuple[str, ...]]] = {}
-_decoded: dict[tuple[str, Limits], WireContext] = {}
+# header rest -> (the Limits it was decoded under, the context): keyed by the string
+# alone (hashing a Limits dataclass costs more than the look-up), checked by identity.
+_decoded: dict[str, tuple[Limits, WireContext]] = {}
+
+
+class ContextHeader(NamedTuple):
+    """The context active here as a header, without the publish time: ``rest`` is the
+    encoded JSON object, ``dropped`` the keys left out, ``empty`` whether the context
+    has nothing in it (then only ``v`` is encoded)."""
+
+    rest: str
+    dropped: tuple[str, ...]
+    empty: bool
+
+
+def context_header(limits: Limits, memo: dict[Any, ContextHeader]) -> ContextHeader:
+    """The :class:`ContextHeader` of the context active here (global scope excluded), by
+    the active scopes' stamps in ``memo`` (one per installed app, emptied when full)."""
+    stamps = active_stamps()
+    found = memo.get(stamps)
+    if found is not None:
+        return found
+    context = merged_context(include_global=False)
+    rest, dropped, memoizable = _rest(context, limits)
+    found = ContextHeader(
+        rest,
+        dropped,
+        not (
+            context.distinct_id
+            or context.session_id
+            or context.window_id
+            or context.tags
+            or context.groups
+        ),
+    )
+    if memoizable:
+        if len(memo) >= _MAX_ENTRIES:
+            memo.clear()
+        memo[stamps] = found
+    return found
+
+
+def with_publish_time(rest: str, published_ms: int) -> str:
+    """The header ``rest`` (an encoded object) with ``"p":published_ms`` first."""
+    return f"{_PREFIX}{published_ms},{rest[1:]}"
 
 
 def publish_header(
@@ -31,6 +80,14 @@ def publish_header(
 ) -> tuple[str, list[str]]:
     """``(header, dropped)`` for a task published now from ``context``: as
     :func:`~task_scopes.celery._header.encode` gives them, the publish time first."""
+    rest, dropped, _ = _rest(context, limits)
+    return with_publish_time(rest, published_ms), list(dropped)
+
+
+def _rest(context: MergedContext, limits: Limits) -> tuple[str, tuple[str, ...], bool]:
+    """``(rest, dropped, memoizable)``: the encoded context without the publish time,
+    through the memo keyed by content; ``memoizable`` is False when a value is not a
+    plain scalar (it could change in place)."""
     key = _key(context, limits)
     cached = _encoded.get(key) if key is not None else None
     if cached is None:
@@ -47,8 +104,7 @@ def publish_header(
             if len(_encoded) >= _MAX_ENTRIES:
                 _encoded.clear()
             _encoded[key] = cached
-    rest, dropped_keys = cached
-    return f"{_PREFIX}{published_ms},{rest[1:]}", list(dropped_keys)
+    return cached[0], cached[1], key is not None
 
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -85,18 +141,15 @@ def decode_header(header: Any, signature: Any, secret: str | None, limits: Limit
         return decode(header, signature, secret, limits)
     if secret is not None:
         check_signature(header, signature, secret)  # over the exact string received
-    rest = "{" + header[comma + 1 :]
-    context = _decoded.get((rest, limits))
-    if context is None:
-        context = decode(rest, None, None, limits)
+    rest = header[comma + 1 :]
+    entry = _decoded.get(rest)
+    if entry is None or entry[0] is not limits:
+        entry = (limits, decode("{" + rest, None, None, limits))
         if len(_decoded) >= _MAX_ENTRIES:
             _decoded.clear()
-        _decoded[(rest, limits)] = context
-    return WireContext(
-        context.distinct_id,
-        context.session_id,
-        context.tags,
-        context.window_id,
-        context.groups,
-        int(published),
-    )
+        _decoded[rest] = entry
+    # A copy with this message's publish time, made without the frozen dataclass's
+    # __init__ (one object.__setattr__ per field): the same fields, one dict update.
+    context = object.__new__(WireContext)
+    context.__dict__.update(entry[1].__dict__, published_ms=int(published))
+    return context

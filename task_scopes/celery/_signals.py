@@ -25,7 +25,6 @@ from .._scope import (
     Scope,
     enter_scope,
     exit_scope,
-    merged_context,
 )
 from ._failure import NOT_CAPTURED, capture_failure, expected, summary, wanted
 from ._header import (
@@ -39,7 +38,7 @@ from ._header import (
     WireError,
     sign,
 )
-from ._memo import publish_header
+from ._memo import context_header, with_publish_time
 from ._registry import REGISTRY, Installed
 from ._request import CARRIED, carried_headers, read_context, task_tags
 
@@ -54,7 +53,7 @@ _LATENCY = "celery_queue_latency_ms"
 _CONTEXT_HEADERS = (HEADER, POSTHOG_DISTINCT_ID, POSTHOG_SESSION_ID, POSTHOG_TAGS)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Run:
     tokens: Any
     started: float
@@ -143,14 +142,10 @@ def _inject(installed: Installed, headers: dict[str, Any], *, posthog: bool) -> 
     options = installed.options
     if not options.propagate:
         return
-    context = merged_context(include_global=False)
-    groups = context.groups
-    empty = not (
-        context.distinct_id or context.session_id or context.window_id or context.tags or groups
-    )
+    rest, dropped, empty = context_header(installed.limits, installed.headers)
     if empty and any(name in headers for name in _CONTEXT_HEADERS):
         return
-    header, dropped = publish_header(context, installed.limits, time.time_ns() // 1_000_000)
+    header = with_publish_time(rest, time.time_ns() // 1_000_000)
     # Top level only, never headers["headers"]: see task_scopes.celery._header (celery#4875).
     headers[HEADER] = header
     if options.secret is not None:
@@ -158,7 +153,7 @@ def _inject(installed: Installed, headers: dict[str, Any], *, posthog: bool) -> 
     if posthog:
         _write_posthog_headers(headers, header)
     if dropped:
-        _warn_dropped(dropped, installed.limits)
+        _warn_dropped(list(dropped), installed.limits)
 
 
 def _write_posthog_headers(headers: dict[str, Any], header: str) -> None:
@@ -201,19 +196,20 @@ def _restore(installed: Installed, headers: Mapping[str, Any], task_id: Any) -> 
         return None
 
 
-def _apply(scope: Scope, context: WireContext | None) -> None:
+def _task_scope(context: WireContext | None, tags: dict[str, Any]) -> Scope:
+    """The isolation scope of a task run: the received ``context`` (None: nothing
+    received), then ``tags`` (the run's ``celery_*`` tags) over its tags."""
     if context is None:
-        return
-    if context.distinct_id is not None:
-        scope.set_distinct_id(context.distinct_id)
-    if context.session_id is not None:
-        scope.set_session_id(context.session_id)
-    if context.window_id is not None:
-        scope.set_window_id(context.window_id)
+        return Scope(tags=tags)
     if context.tags:
-        scope.update_tags(context.tags)
-    for group_type, group_key in (context.groups or {}).items():
-        scope.set_group(group_type, group_key)
+        tags = {**context.tags, **tags}
+    return Scope(
+        distinct_id=context.distinct_id,
+        session_id=context.session_id,
+        window_id=context.window_id,
+        tags=tags,
+        groups=context.groups,
+    )
 
 
 def _latency_ms(context: WireContext | None, started: float | None) -> int | None:
@@ -237,11 +233,11 @@ def _task_tags(
 
 
 def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
-    task = task if task is not None else sender
-    installed = REGISTRY.for_task(task)
-    if installed is None:
-        return
     with _GUARD_TASK_PRERUN:
+        task = task if task is not None else sender
+        installed = REGISTRY.for_task(task)
+        if installed is None:
+            return
         request = task.request
         headers = carried_headers(request)
         if getattr(request, "is_eager", False):
@@ -249,13 +245,12 @@ def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
             # encode -> decode path a published task takes (caps, propagate, signing), so
             # eager and worker runs give the same events by construction.
             _inject(installed, headers, posthog=False)
-        isolation, current = Scope(), Scope()
         context = _restore(installed, headers, request.id)
-        _apply(isolation, context)
-        isolation.update_tags(_task_tags(task, request, context, time.time()))
+        isolation = _task_scope(context, _task_tags(task, request, context, time.time()))
         client = installed.client()
         if client is not None:
             isolation.set_client(client)
+        current = Scope()
         tokens = enter_scope(isolation, current)
         run = _Run(tokens, time.monotonic(), installed, isolation, current)
         setattr(request, _RUN_ATTR, run)
@@ -304,10 +299,10 @@ def _ms(run: _Run) -> float:
 def _on_task_failure(
     sender: Any = None, task_id: Any = None, exception: Any = None, **_: Any
 ) -> None:
-    installed = REGISTRY.for_task(sender)
-    if installed is None or not isinstance(exception, BaseException):
-        return
     with guard("task_failure"):
+        installed = REGISTRY.for_task(sender)
+        if installed is None or not isinstance(exception, BaseException):
+            return
         request = sender.request
         run: _Run | None = getattr(request, _RUN_ATTR, None)
         if run is not None:  # in the process that ran the task, inside its scope
@@ -321,14 +316,13 @@ def _on_task_failure(
             headers = carried_headers(request)
         else:
             headers = _received.get(task_id) or {}
-        isolation = Scope()
         context = _restore(installed, headers, task_id)
-        _apply(isolation, context)
         # The worker's Request (alive: it is reporting this failure) knows when the child
         # accepted the task, in epoch seconds.
         started = getattr(_live_requests.get(task_id), "time_start", None)
-        isolation.update_tags(_task_tags(sender, request, context, started))
-        isolation.set_tag("celery_task_id", task_id)
+        tags = _task_tags(sender, request, context, started)
+        tags["celery_task_id"] = task_id
+        isolation = _task_scope(context, tags)
         isolation.set_client(installed.client())
         tokens = enter_scope(isolation, Scope())
         try:
@@ -363,10 +357,10 @@ def _on_task_internal_error(
 
 
 def _on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
-    installed = REGISTRY.for_task(sender)
-    if installed is None:
-        return
     with guard("task_retry"):
+        installed = REGISTRY.for_task(sender)
+        if installed is None:
+            return
         options = installed.options
         if not wanted(installed, sender):
             return
