@@ -43,8 +43,11 @@ sustained
     configuration, in the first repetition; not for Sentry, which sends one HTTP request
     per event.
 
-Receivers run in this process on loopback: ``task_scopes.testing.CaptureServer`` for
-PostHog's capture API (task_scopes and PostHog) and a small envelope counter for Sentry.
+Receivers run in this process on loopback (``_receivers.py``): for PostHog's capture API
+(task_scopes and PostHog) one that answers at once, counts event UUIDs, and checks every
+request with the test suite's collector rules after the measurement (a refused request
+fails the run), so parsing does not compete with the measured process for the two cores;
+for Sentry a small envelope counter.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import random
 import re
 import time
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -97,6 +97,22 @@ def uuid7() -> str:
     )
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# (Unix second, its "YYYY-MM-DDTHH:MM:SS" in UTC): formatted once a second, not per event
+_iso_second: tuple[int, str] = (-1, "")
+
+
+def now_iso() -> str:
+    """Now in UTC as ISO 8601 with microseconds, e.g. ``2026-12-02T01:03:29.302372+00:00``:
+    what ``datetime.now(timezone.utc).isoformat()`` gives (always with the fraction), for
+    less than half its cost."""
+    global _iso_second
+    second, ns = divmod(time.time_ns(), 1_000_000_000)
+    cached = _iso_second
+    if cached[0] != second:
+        cached = _iso_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{ns // 1000:06d}+00:00"
 
 
 class Refused(Exception):
@@ -261,7 +277,7 @@ def build(
     props["$lib"] = "task_scopes"
     props["$lib_version"] = __version__
     if timestamp is None:
-        ts = datetime.now(timezone.utc).isoformat()
+        ts = now_iso()
     elif isinstance(timestamp, datetime):
         ts = timestamp.isoformat()
     else:
