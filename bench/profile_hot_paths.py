@@ -195,7 +195,7 @@ def build(n: int) -> dict[str, Callable[[int], None]]:
         for _ in range(count // 100 or 1):
             consumer.queue.extend(events)
             batch = consumer._take()
-            gzip.compress(batch_body("phc_profile", batch), compresslevel=5)
+            gzip.compress(batch_body("phc_profile", batch), compresslevel=1)
 
     collector = subprocess.Popen(
         [sys.executable, "-m", "task_scopes.collector", "--port", "0", "--out", "/dev/null"],

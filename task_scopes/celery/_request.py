@@ -45,7 +45,7 @@ def carried_headers(request: Any) -> dict[str, Any]:
     """
     fields = _fields(request)
     headers = fields.get("headers")
-    if not isinstance(headers, Mapping):
+    if type(headers) is not dict and not isinstance(headers, Mapping):  # dict: no ABC check
         headers = None
     found = {}
     for name in CARRIED:
@@ -92,7 +92,7 @@ def task_tags(task: Any, request: Any) -> dict[str, Any]:
         "celery_retry_count": fields.get("retries") or 0,
     }
     delivery_info = fields.get("delivery_info")
-    if isinstance(delivery_info, Mapping):
+    if type(delivery_info) is dict or isinstance(delivery_info, Mapping):
         queue = _queue(task, delivery_info)
         if queue is not None:
             tags["celery_queue"] = queue
