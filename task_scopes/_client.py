@@ -43,6 +43,10 @@ _FLUSH_GUARD = guard("flush")
 _CAPTURE_EXCEPTION_GUARD = guard("capture_exception")
 
 
+_YIELD_EVERY = 0.001  # seconds between two yields to the consumer, at least
+_YIELD_FOR = 0.0001  # seconds one yield sleeps
+
+
 class ClientStats(NamedTuple):
     """Counters of one client in this process since it started (or since ``os.fork()``).
 
@@ -65,6 +69,9 @@ class Client:
 
     ``capture()`` never blocks on the network and never raises: it builds the event from
     the active scopes, appends it to a bounded in-memory queue and returns its UUID.
+    Under a backlog (more than ``max(4 * flush_at, max_queue_size // 10)`` events queued
+    while a batch is in flight) it sleeps 0.1 ms at most once a millisecond so that the
+    consumer thread gets the GIL (see ``_yield_to_consumer``).
 
     Args:
         api_key: project API key; None (and no ``transport``) makes a disabled client.
@@ -128,6 +135,8 @@ class Client:
         self.flush_at = flush_at
         self.flush_interval = flush_interval
         self.max_queue_size = max_queue_size
+        # a backlog that means the consumer is falling behind (see _yield_to_consumer)
+        self._yield_at = max(4 * flush_at, max_queue_size // 10)
         self.before_send = before_send
         self.disabled = disabled or (api_key is None and transport is None)
         if transport is None and not self.disabled:
@@ -151,6 +160,7 @@ class Client:
     def _reset(self) -> None:
         """Fresh per-process state: queue, locks, consumer (started lazily), counters."""
         self._queue: deque[str] = deque()  # events frozen as JSON by capture()
+        self._next_yield = 0.0  # see _yield_to_consumer()
         self._start_lock = threading.Lock()
         self._consumer: Consumer | None = None
         self._counters = Counters()
@@ -368,9 +378,30 @@ class Client:
         consumer = self._consumer
         if consumer is None:
             consumer = self._start()
-        if len(queue) == self.flush_at:  # once per backlog: the consumer takes it all
+        queued = len(queue)
+        if queued == self.flush_at:  # once per backlog: the consumer takes it all
             consumer.wake()
+        elif queued >= self._yield_at and self._counters.in_flight:
+            self._yield_to_consumer()
         return True
+
+    def _yield_to_consumer(self) -> None:
+        """Let the consumer thread run while a batch is in flight and events pile up.
+
+        A thread that keeps the GIL busy and releases it only for short system calls
+        (Celery's ``uuid4()`` reads ``os.urandom`` once per task) starves the consumer:
+        CPython hands the GIL to a waiting thread only when it asks for it after a
+        switch interval (5 ms) without any hand-over, and the releasing thread wins the
+        race for it every time. Each of the dozen system calls of a POST then waits, a
+        request of a few hundred events took seconds, and the queue overflowed. Here the
+        capturing thread sleeps 0.1 ms at most once per millisecond while more than
+        ``_yield_at`` events are queued and a batch is being sent: at most a tenth of its
+        time, only under such a backlog, and far less than losing the events.
+        """
+        now = time.monotonic()
+        if now >= self._next_yield:
+            self._next_yield = now + _YIELD_EVERY
+            time.sleep(_YIELD_FOR)
 
     def _start(self) -> Consumer:
         with self._start_lock:
