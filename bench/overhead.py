@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         "--procs",
         type=int,
         default=None,
-        help="publish and eager: processes per configuration and repetition, interleaved; "
-        "the best counts (default 3)",
+        help="processes per configuration, scenario and repetition, interleaved; the best "
+        "counts, figure by figure (default 3; sustained: 1)",
     )
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated")
     parser.add_argument(
@@ -311,9 +311,10 @@ def _measure(args: argparse.Namespace, configs: list[str], scenarios: list[str],
         for scenario in scenarios:
             if scenario == "sustained" and rep > 0:
                 continue  # a delivery figure, pass or fail: one run per configuration
-            # publish and eager: each configuration's best of --procs processes, run
-            # interleaved (a slow spell of the machine lasts seconds, longer than a round)
-            procs = args.procs if scenario in ("publish", "eager") else 1
+            # each configuration's best of --procs processes, run interleaved (a slow
+            # spell of the machine lasts seconds, longer than a round); the sustained
+            # figures are pass or fail, one process each
+            procs = args.procs if scenario != "sustained" else 1
             best: dict[str, dict[str, Any]] = {}
             for _ in range(procs):
                 for config in order:
@@ -343,8 +344,8 @@ def _measure(args: argparse.Namespace, configs: list[str], scenarios: list[str],
     elapsed = time.monotonic() - started
     print(
         f"\ntask_scopes overhead: {reps} repetition(s), {args.tasks} e2e tasks, "
-        f"{args.eager_tasks} eager tasks, {args.rounds}x{args.calls} publishes, publish and "
-        f"eager best of {args.procs} processes per repetition; medians over repetitions; "
+        f"{args.eager_tasks} eager tasks, {args.rounds}x{args.calls} publishes, each figure "
+        f"the best of {args.procs} processes per repetition; medians over repetitions; "
         f"ratio = median / bare median\n"
     )
     print(table(summary))
