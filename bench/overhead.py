@@ -1,6 +1,6 @@
 """What task_scopes costs per task, against bare Celery and against the peers, side by side.
 
-    python bench/overhead.py                 # full comparison, ~10 minutes on 2 cores
+    python bench/overhead.py                 # full comparison, ~25 minutes on 2 cores
     python bench/overhead.py --quick         # smoke run: 1 repetition, 500 tasks
     python bench/overhead.py --json out.json
 
@@ -9,8 +9,10 @@ Configurations (see ``_configs.py``): ``bare`` Celery, ``task_scopes``, and, whe
 off) and ``sentry`` (sentry-sdk ``CeleryIntegration``, traces off). Every measurement runs
 in a fresh subprocess; repetitions interleave the configurations, rotating their order.
 
-Figures (each subprocess reports one value; the table gives min / median / max over the
-repetitions and the ratio of medians to ``bare``):
+Figures (each subprocess reports one value per figure; a repetition runs ``--procs``
+processes per configuration and scenario, interleaved, and keeps each figure's best:
+lowest time or CPU, highest rate, lowest delivery; the table gives min / median / max of
+those over the repetitions and the ratio of medians to ``bare``):
 
 publish
     µs per ``.delay()`` to the ``memory://`` broker, the caller inside a context with a
