@@ -23,7 +23,7 @@ import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 
 from task_scopes._browser_api import decode_body
 from task_scopes._collector_http import CAPTURE_PATHS
@@ -32,7 +32,64 @@ from task_scopes.collector import batch_payload
 _UUID = re.compile(rb'"uuid"\s*:\s*"([^"]+)"')
 
 
-class DeferredCapture:
+_R = TypeVar("_R", bound="_Loopback")
+
+
+class _JsonHandler(BaseHTTPRequestHandler):
+    """Keep-alive handler answering JSON, without a log line per request."""
+
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out as two writes; with Nagle on, the body waits for the
+    # client's delayed ACK (~40 ms per request on Linux loopback).
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def _answer(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _Loopback:
+    """An HTTP server on a free loopback port, in a daemon thread. Context manager."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self: _R) -> _R:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def __enter__(self: _R) -> _R:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DeferredCapture(_Loopback):
     """PostHog's ``/batch/`` endpoint for timing: answers 200 at once, checks afterwards.
 
     ``count`` (also ``GET /`` as ``{"events": n}``) is the number of distinct event UUIDs
@@ -47,35 +104,12 @@ class DeferredCapture:
         self.seen: set[bytes] = set()
         self.last_arrival: float | None = None
         self.stored: list[tuple[bytes, str | None, str | None]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _capture_handler(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        super().__init__(_capture_handler(self))
 
     @property
     def count(self) -> int:
         with self.lock:
             return len(self.seen)
-
-    def start(self) -> DeferredCapture:
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
-
-    def __enter__(self) -> DeferredCapture:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def record(self, body: bytes, encoding: str | None, content_type: str | None) -> None:
         data = decode_body(body, content_encoding=encoding, content_type=content_type)
@@ -108,21 +142,7 @@ class DeferredCapture:
 
 
 def _capture_handler(owner: DeferredCapture) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True  # see _sentry_handler
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass
-
-        def _answer(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(_JsonHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             if self.path.split("?", 1)[0] not in CAPTURE_PATHS:
@@ -143,7 +163,7 @@ def _capture_handler(owner: DeferredCapture) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class SentryReceiver:
+class SentryReceiver(_Loopback):
     """Counts events of Sentry envelopes posted to ``/api/<id>/envelope/``."""
 
     def __init__(self) -> None:
@@ -152,43 +172,16 @@ class SentryReceiver:
         self.items: dict[str, int] = {}
         self.last_arrival: float | None = None
         self.bad_requests = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _sentry_handler(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
+        super().__init__(_sentry_handler(self))
 
     @property
     def dsn(self) -> str:
         return f"http://bench@127.0.0.1:{self.port}/1"
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
     def count(self) -> int:
         with self.lock:
             return len(self.event_ids)
-
-    def start(self) -> SentryReceiver:
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
-
-    def __enter__(self) -> DeferredCapture:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def record(self, body: bytes) -> None:
         from sentry_sdk.envelope import Envelope
@@ -208,23 +201,7 @@ class SentryReceiver:
 
 
 def _sentry_handler(owner: SentryReceiver) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Headers and body go out as two writes; with Nagle on, the body waits for the
-        # client's delayed ACK (~40 ms per request on Linux loopback).
-        disable_nagle_algorithm = True
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass
-
-        def _answer(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(_JsonHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             if not self.path.split("?", 1)[0].endswith("/envelope/"):
