@@ -187,7 +187,9 @@ class Client:
         uuid: str | None = None,
         groups: Mapping[str, str | int] | None = None,
     ) -> str | None:
-        """Queue one event attributed from the active scopes. Never blocks, never raises.
+        """Queue one event attributed from the active scopes. Never blocks on the network,
+        never raises (under a backlog it may sleep 0.1 ms to let the consumer run: see
+        the class docstring).
 
         The event is checked and serialized here, in the caller's thread: what the caller
         changes in ``properties`` (or in a tag value) afterwards is not sent, and an
