@@ -70,8 +70,9 @@ class Client:
     ``capture()`` never blocks on the network and never raises: it builds the event from
     the active scopes, appends it to a bounded in-memory queue and returns its UUID.
     Under a backlog (more than ``max(4 * flush_at, max_queue_size // 10)`` events queued
-    while a batch is in flight) it sleeps 0.1 ms at most once a millisecond so that the
-    consumer thread gets the GIL (see ``_yield_to_consumer``).
+    while a batch is in flight) it sleeps 0.1 ms at most once a millisecond, and past
+    three quarters of ``max_queue_size`` at every capture, so that the consumer thread
+    gets the GIL (see ``_yield_to_consumer``).
 
     Args:
         api_key: project API key; None (and no ``transport``) makes a disabled client.
@@ -137,6 +138,7 @@ class Client:
         self.max_queue_size = max_queue_size
         # a backlog that means the consumer is falling behind (see _yield_to_consumer)
         self._yield_at = max(4 * flush_at, max_queue_size // 10)
+        self._hard_yield_at = max(self._yield_at, max_queue_size * 3 // 4)
         self.before_send = before_send
         self.disabled = disabled or (api_key is None and transport is None)
         if transport is None and not self.disabled:
@@ -384,10 +386,10 @@ class Client:
         if queued == self.flush_at:  # once per backlog: the consumer takes it all
             consumer.wake()
         elif queued >= self._yield_at and self._counters.in_flight:
-            self._yield_to_consumer()
+            self._yield_to_consumer(queued)
         return True
 
-    def _yield_to_consumer(self) -> None:
+    def _yield_to_consumer(self, queued: int) -> None:
         """Let the consumer thread run while a batch is in flight and events pile up.
 
         A thread that keeps the GIL busy and releases it only for short system calls
@@ -398,10 +400,13 @@ class Client:
         request of a few hundred events took seconds, and the queue overflowed. Here the
         capturing thread sleeps 0.1 ms at most once per millisecond while more than
         ``_yield_at`` events are queued and a batch is being sent: at most a tenth of its
-        time, only under such a backlog, and far less than losing the events.
+        time, only under such a backlog, and far less than losing the events. Past three
+        quarters of ``max_queue_size`` it sleeps 0.1 ms at every capture: the queue is
+        about to drop events. That is bounded too: once the queue is full, events are
+        dropped without a sleep (during an outage, say).
         """
         now = time.monotonic()
-        if now >= self._next_yield:
+        if queued >= self._hard_yield_at or now >= self._next_yield:
             self._next_yield = now + _YIELD_EVERY
             time.sleep(_YIELD_FOR)
 
