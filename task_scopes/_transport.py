@@ -269,7 +269,11 @@ class HttpTransport(BaseTransport):
         ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
         session.trust_env = False
         session.proxies.update(proxies)
-        if ca_bundle:
+        # Only where TLS is spoken (the host or a proxy): a CA bundle path makes requests
+        # stat() it on every POST, a system call after which the consumer waits for the
+        # GIL (see Consumer).
+        tls = [self.url, *proxies.values()]
+        if ca_bundle and any(str(url).startswith("https:") for url in tls):
             session.verify = ca_bundle
         return session
 
@@ -294,7 +298,7 @@ class HttpTransport(BaseTransport):
             # Level 1: a third of the CPU of level 5 for about a tenth more bytes on
             # batches of events (which repeat their keys); the consumer shares the GIL
             # with the application, the network has room.
-            body = _gzip.compress(body, compresslevel=1)
+            body = _gzip.compress(body, compresslevel=1, mtime=0)
         started = time.monotonic()
         try:
             with self._lock:

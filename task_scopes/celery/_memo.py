@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 from .._scope import MergedContext, active_stamps, merged_context
 from ._header import Limits, WireContext, check_signature, decode, encode
 
-__all__ = ["ContextHeader", "context_header", "decode_header", "publish_header"]
+__all__ = ["ContextHeader", "context_header", "decode_header", "with_publish_time"]
 
 _PREFIX = '{"p":'
 _P_RESERVE = 24  # bytes kept free under the cap for '"p":' + the milliseconds + ','
@@ -73,15 +73,6 @@ def context_header(limits: Limits, memo: dict[Any, ContextHeader]) -> ContextHea
 def with_publish_time(rest: str, published_ms: int) -> str:
     """The header ``rest`` (an encoded object) with ``"p":published_ms`` first."""
     return f"{_PREFIX}{published_ms},{rest[1:]}"
-
-
-def publish_header(
-    context: MergedContext, limits: Limits, published_ms: int
-) -> tuple[str, list[str]]:
-    """``(header, dropped)`` for a task published now from ``context``: as
-    :func:`~task_scopes.celery._header.encode` gives them, the publish time first."""
-    rest, dropped, _ = _rest(context, limits)
-    return with_publish_time(rest, published_ms), list(dropped)
 
 
 def _rest(context: MergedContext, limits: Limits) -> tuple[str, tuple[str, ...], bool]:

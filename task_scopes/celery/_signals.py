@@ -125,10 +125,12 @@ def _warn_dropped(keys: list[str], limits: Limits) -> None:
 def _on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
     if not REGISTRY.apps or not isinstance(headers, dict):
         return
-    with _GUARD_BEFORE_TASK_PUBLISH:
+    try:  # the guard as try/except: cheaper than a with block on this hot path
         installed = REGISTRY.for_publish(headers.get("task", sender))
         if installed is not None:
             _inject(installed, headers, posthog=installed.options.posthog_headers)
+    except Exception:
+        _GUARD_BEFORE_TASK_PUBLISH.failed()
 
 
 def _inject(installed: Installed, headers: dict[str, Any], *, posthog: bool) -> None:
@@ -233,7 +235,7 @@ def _task_tags(
 
 
 def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
-    with _GUARD_TASK_PRERUN:
+    try:  # the guard as try/except: cheaper than a with block on this hot path
         task = task if task is not None else sender
         installed = REGISTRY.for_task(task)
         if installed is None:
@@ -256,6 +258,8 @@ def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
         setattr(request, _RUN_ATTR, run)
         if installed.options.task_events and wanted(installed, task):
             _api.get_client().capture("celery task started", properties={"celery_state": "STARTED"})
+    except Exception:
+        _GUARD_TASK_PRERUN.failed()
 
 
 def _on_task_postrun(
@@ -268,7 +272,7 @@ def _on_task_postrun(
     run: _Run | None = getattr(request, _RUN_ATTR, None)
     if run is None:
         return
-    with _GUARD_TASK_POSTRUN:
+    try:  # the guard as try/except: cheaper than a with block on this hot path
         try:
             if (
                 state == "SUCCESS"
@@ -287,6 +291,8 @@ def _on_task_postrun(
                 # apply(throw=True)); task_failure was not sent. Celery sends
                 # task_internal_error next, with the exception, from the same thread.
                 _escaping.run = (task_id, run)
+    except Exception:
+        _GUARD_TASK_POSTRUN.failed()
 
 
 def _ms(run: _Run) -> float:

@@ -17,8 +17,15 @@ def _context(**tags: object) -> MergedContext:
     return MergedContext("user-1", "sess-1", dict(tags), "win-1", {"company": "acme"})
 
 
+def _header(context: MergedContext, limits: Limits, published_ms: int) -> tuple[str, list[str]]:
+    """``(header, dropped)`` as the publish path makes them for ``context``: the rest from
+    the memo keyed by content, the publish time in front."""
+    rest, dropped, _ = _memo._rest(context, limits)
+    return _memo.with_publish_time(rest, published_ms), list(dropped)
+
+
 def test_the_publish_time_leads_and_the_rest_is_what_encode_gives() -> None:
-    header, dropped = _memo.publish_header(_context(plan="pro"), LIMITS, 1_700_000_000_123)
+    header, dropped = _header(_context(plan="pro"), LIMITS, 1_700_000_000_123)
     assert header.startswith('{"p":1700000000123,')
     assert dropped == []
     assert json.loads(header) == {
@@ -33,24 +40,24 @@ def test_the_publish_time_leads_and_the_rest_is_what_encode_gives() -> None:
 
 
 def test_a_changed_context_is_encoded_anew() -> None:
-    first, _ = _memo.publish_header(_context(plan="pro"), LIMITS, 1)
-    second, _ = _memo.publish_header(_context(plan="free"), LIMITS, 2)
+    first, _ = _header(_context(plan="pro"), LIMITS, 1)
+    second, _ = _header(_context(plan="free"), LIMITS, 2)
     assert json.loads(first)["t"] == {"plan": "pro"}
     assert json.loads(second)["t"] == {"plan": "free"}
 
 
 def test_unhashable_tag_values_are_encoded_every_time() -> None:
     items = ["mug"]
-    first, _ = _memo.publish_header(_context(cart=items), LIMITS, 1)
+    first, _ = _header(_context(cart=items), LIMITS, 1)
     items.append("tshirt")
-    second, _ = _memo.publish_header(_context(cart=items), LIMITS, 2)
+    second, _ = _header(_context(cart=items), LIMITS, 2)
     assert json.loads(first)["t"]["cart"] == ["mug"]
     assert json.loads(second)["t"]["cart"] == ["mug", "tshirt"]
 
 
 def test_the_cap_holds_with_the_publish_time_in_front() -> None:
     limits = Limits(max_bytes=300)
-    header, dropped = _memo.publish_header(
+    header, dropped = _header(
         _context(**{f"k{i}": "x" * 40 for i in range(10)}), limits, 1_700_000_000_123
     )
     assert len(header.encode()) <= 300
@@ -58,15 +65,15 @@ def test_the_cap_holds_with_the_publish_time_in_front() -> None:
 
 
 def test_each_header_decodes_with_its_own_publish_time() -> None:
-    a, _ = _memo.publish_header(_context(plan="pro"), LIMITS, 1_000)
-    b, _ = _memo.publish_header(_context(plan="pro"), LIMITS, 2_000)
+    a, _ = _header(_context(plan="pro"), LIMITS, 1_000)
+    b, _ = _header(_context(plan="pro"), LIMITS, 2_000)
     assert _memo.decode_header(a, None, None, LIMITS).published_ms == 1_000
     assert _memo.decode_header(b, None, None, LIMITS) == decode(b)
     assert decode(b).published_ms == 2_000
 
 
 def test_a_memoized_header_is_still_checked_against_its_signature() -> None:
-    header, _ = _memo.publish_header(_context(plan="pro"), LIMITS, 1_000)
+    header, _ = _header(_context(plan="pro"), LIMITS, 1_000)
     assert _memo.decode_header(header, sign(header, "k3y"), "k3y", LIMITS).distinct_id == "user-1"
     forged = header.replace('"p":1000', '"p":9000', 1)  # the rest is in the memo now
     with pytest.raises(WireError, match="signature"):
@@ -85,9 +92,9 @@ def test_malformed_leading_publish_times_are_refused_as_decode_refuses_them(
 
 
 def test_equal_values_of_other_types_are_not_taken_from_the_memo() -> None:
-    as_bool, _ = _memo.publish_header(_context(x=True), LIMITS, 1)
-    as_float, _ = _memo.publish_header(_context(x=1.0), LIMITS, 1)
-    as_int, _ = _memo.publish_header(_context(x=1), LIMITS, 1)
+    as_bool, _ = _header(_context(x=True), LIMITS, 1)
+    as_float, _ = _header(_context(x=1.0), LIMITS, 1)
+    as_int, _ = _header(_context(x=1), LIMITS, 1)
     assert [json.loads(h)["t"]["x"] for h in (as_bool, as_float, as_int)] == [True, 1.0, 1]
     assert [type(json.loads(h)["t"]["x"]) for h in (as_bool, as_float, as_int)] == [
         bool,
