@@ -71,7 +71,11 @@ class Consumer(threading.Thread):
         self.flush_interval = flush_interval
         self._wake = threading.Event()
         self._stopping = False
-        self._urgent = False  # flush(): partial batches go now
+        # flush(): the events queued up to then go now, partial batch or not; those
+        # captured after it wait for flush_at or flush_interval as usual (a producer that
+        # goes on capturing after a flush() would otherwise get a request per event or
+        # two, until the consumer happened to find the queue empty)
+        self._flush_to = 0  # compared with counters.taken
 
     def wake(self) -> None:
         """Look at the queue now: send if ``flush_at`` events are queued or a partial batch
@@ -79,8 +83,9 @@ class Consumer(threading.Thread):
         self._wake.set()
 
     def flush_now(self) -> None:
-        """Send everything queued now, whatever ``flush_interval`` says (``flush()``)."""
-        self._urgent = True
+        """Send everything queued now, whatever ``flush_interval`` says (``flush()``); what
+        is captured after this call is batched as usual."""
+        self._flush_to = self.counters.taken + len(self.queue)
         self._wake.set()
 
     def stop(self) -> None:
@@ -117,14 +122,12 @@ class Consumer(threading.Thread):
                 queued = len(self.queue)
                 due = (
                     queued >= self.flush_at
-                    or self._urgent
+                    or self.counters.taken < self._flush_to
                     or self._stopping
                     or time.monotonic() - self.counters.oldest >= self.flush_interval
                 )
                 batch = self._take() if queued and due else []
                 if not batch:
-                    if not queued:
-                        self._urgent = False
                     self.cv.notify_all()
                     return
             undelivered = len(batch)

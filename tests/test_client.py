@@ -3,6 +3,7 @@ shutdown, outages."""
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
@@ -22,6 +23,7 @@ from task_scopes import (
     tag,
 )
 from task_scopes import __version__ as version
+from task_scopes._consumer import Consumer, Counters
 from task_scopes._defaults import MAX_BATCH_BYTES
 from task_scopes.testing import CaptureServer, Reply
 
@@ -393,3 +395,47 @@ def test_a_backlog_goes_out_in_requests_that_grow_with_it(
     assert client.flush(timeout=30) == 0
     assert sum(n for _, status, n in server.requests if status == 200) == 5_000
     assert len(server.requests) <= 3, server.requests
+
+
+class _ProducerDuringSend(InMemoryTransport):
+    """Records each batch's size; during the first send, two more events are captured, as
+    a thread that goes on working after its ``flush()`` would."""
+
+    def __init__(self, queue: Any) -> None:
+        super().__init__()
+        self.queue = queue
+        self.sizes: list[int] = []
+
+    def send(self, batch: Any) -> int:
+        self.sizes.append(len(batch))
+        if len(self.sizes) == 1:
+            self.queue.extend([_event_json(i) for i in (10, 11)])
+        return super().send(batch)
+
+
+def _event_json(i: int) -> str:
+    return json.dumps(
+        {
+            "event": "e",
+            "distinct_id": "d",
+            "properties": {"i": i},
+            "timestamp": "2026-12-02T00:00:00+00:00",
+            "uuid": f"01a23500-0000-7000-8000-{i:012x}",
+        }
+    )
+
+
+def test_a_flush_sends_what_was_queued_then_and_later_events_wait_for_flush_at() -> None:
+    # Before: flush() left the consumer sending at once until it found the queue empty,
+    # so a producer that kept capturing got a request per event or two.
+    queue: Any = collections.deque(_event_json(i) for i in range(3))
+    transport = _ProducerDuringSend(queue)
+    consumer = Consumer(queue, transport, Counters(), flush_at=100, flush_interval=3600.0)
+    consumer.flush_now()
+    consumer._drain()  # the consumer's pass, run here: the thread is never started
+    assert transport.sizes == [3]
+    assert len(queue) == 2  # captured after the flush: they wait for a full batch
+    consumer.flush_now()
+    consumer._drain()
+    assert transport.sizes == [3, 2]
+    assert [e["properties"]["i"] for e in transport.events] == [0, 1, 2, 10, 11]
