@@ -1,7 +1,7 @@
 """Instructions per task, counted by valgrind's callgrind: a figure that does not move
 with the machine's load, unlike every timed figure on a shared 2-core VM.
 
-    python bench/instructions.py            # eager and publish, every variant (~3 min)
+    python bench/instructions.py            # eager and publish, every variant (~4 min)
     python bench/instructions.py -n 500
 
 For each variant ``_instr_loop.py`` runs twice under ``valgrind --tool=callgrind``, with

@@ -439,7 +439,9 @@ class Client:
     # -- flush / shutdown ----------------------------------------------------------
 
     def flush(self, timeout: float | None = 10.0) -> int:
-        """Send everything queued now, whatever ``flush_interval`` says.
+        """Send everything queued now, whatever ``flush_interval`` says, and wait until it
+        is delivered (or given up). Events captured meanwhile, by this thread or another,
+        are waited for too; those captured after it returns are batched as usual.
 
         Args:
             timeout: seconds (float) to wait; None waits forever.

@@ -430,7 +430,9 @@ def test_a_flush_sends_what_was_queued_then_and_later_events_wait_for_flush_at()
     # so a producer that kept capturing got a request per event or two.
     queue: Any = collections.deque(_event_json(i) for i in range(3))
     transport = _ProducerDuringSend(queue)
-    consumer = Consumer(queue, transport, Counters(), flush_at=100, flush_interval=3600.0)
+    counters = Counters()
+    counters.oldest = time.monotonic()  # as capture() sets it on the first queued event
+    consumer = Consumer(queue, transport, counters, flush_at=100, flush_interval=3600.0)
     consumer.flush_now()
     consumer._drain()  # the consumer's pass, run here: the thread is never started
     assert transport.sizes == [3]
