@@ -85,6 +85,12 @@ class Consumer(threading.Thread):
     def flush_now(self) -> None:
         """Send everything queued now, whatever ``flush_interval`` says (``flush()``); what
         is captured after this call is batched as usual."""
+        with self.cv:
+            self._flush_here()
+
+    def _flush_here(self) -> None:
+        """:meth:`flush_now` with :attr:`cv` held: ``_take`` pops events before it counts
+        them, so the two figures are read together."""
         self._flush_to = self.counters.taken + len(self.queue)
         self._wake.set()
 
@@ -177,5 +183,5 @@ class Consumer(threading.Thread):
                 if remaining is not None and remaining <= 0:
                     break
                 self.cv.wait(remaining if remaining is None else min(remaining, 0.5))
-                self.flush_now()
+                self._flush_here()
             return self.pending() + counters.failed - lost_before

@@ -273,7 +273,7 @@ class HttpTransport(BaseTransport):
         # stat() it on every POST, a system call after which the consumer waits for the
         # GIL (see Consumer).
         tls = [self.url, *proxies.values()]
-        if ca_bundle and any(str(url).startswith("https:") for url in tls):
+        if ca_bundle and any(urlsplit(str(url)).scheme.lower() == "https" for url in tls):
             session.verify = ca_bundle
         return session
 

@@ -245,3 +245,26 @@ def test_no_proxy_is_honoured(server: CaptureServer, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     transport = HttpTransport("phc_test", server.url, retry_window=1.0)
     assert transport.send(['{"event":"e","distinct_id":"d","properties":{}}']) == 0
+
+
+@pytest.mark.parametrize(
+    ("host", "proxy", "uses_bundle"),
+    [
+        ("https://eu.i.posthog.com", None, True),
+        ("HTTPS://eu.i.posthog.com", None, True),  # a scheme is case-insensitive
+        ("http://127.0.0.1:9", None, False),  # no TLS: no stat() of the bundle per POST
+        ("http://collector.invalid:8000", "https://proxy.invalid:3128", True),
+    ],
+)
+def test_the_ca_bundle_variable_is_used_wherever_tls_is_spoken(
+    monkeypatch: pytest.MonkeyPatch, host: str, proxy: str | None, uses_bundle: bool
+) -> None:
+    proxy_names = ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY")
+    for name in (*proxy_names, "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/corporate-ca.pem")
+    if proxy is not None:
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+    transport = HttpTransport("phc_test", host)
+    assert transport._session.verify == ("/etc/corporate-ca.pem" if uses_bundle else True)
