@@ -45,6 +45,9 @@ _CAPTURE_EXCEPTION_GUARD = guard("capture_exception")
 
 _YIELD_EVERY = 0.001  # seconds between two yields to the consumer, at least
 _YIELD_FOR = 0.0001  # seconds one yield sleeps
+# captures after a wake-up with the batch still untaken: the consumer is starved of the GIL
+_STARVED_AFTER = 8
+_HAND_OVER_FOR = 0.005  # seconds one capture waits, at most, for a starved consumer's send
 
 
 class ClientStats(NamedTuple):
@@ -67,17 +70,24 @@ class ClientStats(NamedTuple):
 class Client:
     """Sends events in PostHog's capture format, in batches, from a background thread.
 
-    ``capture()`` never blocks on the network and never raises: it builds the event from
-    the active scopes, appends it to a bounded in-memory queue and returns its UUID.
-    Under a backlog (more than ``max(4 * flush_at, max_queue_size // 10)`` events queued
-    while a batch is in flight) it sleeps 0.1 ms at most once a millisecond, and past
-    three quarters of ``max_queue_size`` at every capture, so that the consumer thread
-    gets the GIL (see ``_yield_to_consumer``).
+    ``capture()`` never raises: it builds the event from the active scopes, appends it to
+    a bounded in-memory queue and returns its UUID. It does not wait for the network,
+    with two bounded exceptions that give the consumer thread the GIL when the capturing
+    thread keeps it (a loop of eager tasks, say). When the consumer has not taken a batch
+    it was woken for eight captures later, that capture waits up to 5 ms while the batch
+    is sent, and the next wake-up comes at twice the size (up to 500 events by default;
+    back to ``flush_at`` once a partial batch comes due by ``flush_interval``); see
+    ``_hand_over``. Under a backlog (more than ``max(4 * flush_at, max_queue_size //
+    10)`` events queued while a batch is in flight) it sleeps 0.1 ms at most once a
+    millisecond, and past three quarters of ``max_queue_size`` at every capture (see
+    ``_yield_to_consumer``).
 
     Args:
         api_key: project API key; None (and no ``transport``) makes a disabled client.
         host: capture host, e.g. ``https://eu.i.posthog.com``.
-        flush_at: queued events (int >= 1) that wake the consumer to send at once.
+        flush_at: queued events (int >= 1) that wake the consumer to send at once (more,
+            up to ``max(flush_at, max(4 * flush_at, max_queue_size // 10) // 2)``, while
+            the capturing thread starves the consumer of the GIL: see above).
         flush_interval: seconds (float) a partial batch may wait.
         max_queue_size: events held in memory; a capture beyond it is dropped and counted.
         timeout: seconds (float) per HTTP attempt.
@@ -139,6 +149,8 @@ class Client:
         # a backlog that means the consumer is falling behind (see _yield_to_consumer)
         self._yield_at = max(4 * flush_at, max_queue_size // 10)
         self._hard_yield_at = max(self._yield_at, max_queue_size * 3 // 4)
+        # the largest wake-up size for a consumer the capturing thread starves (_hand_over)
+        self._grow_to = max(flush_at, self._yield_at // 2)
         self.before_send = before_send
         self.disabled = disabled or (api_key is None and transport is None)
         if transport is None and not self.disabled:
@@ -163,6 +175,7 @@ class Client:
         """Fresh per-process state: queue, locks, consumer (started lazily), counters."""
         self._queue: deque[str] = deque()  # events frozen as JSON by capture()
         self._next_yield = 0.0  # see _yield_to_consumer()
+        self._taken_at_wake = 0  # counters.taken when capture() last woke the consumer
         self._start_lock = threading.Lock()
         self._consumer: Consumer | None = None
         self._counters = Counters()
@@ -189,9 +202,10 @@ class Client:
         uuid: str | None = None,
         groups: Mapping[str, str | int] | None = None,
     ) -> str | None:
-        """Queue one event attributed from the active scopes. Never blocks on the network,
-        never raises (under a backlog it may sleep 0.1 ms to let the consumer run: see
-        the class docstring).
+        """Queue one event attributed from the active scopes. Never raises, never waits for
+        the network (when the capturing thread starves the consumer thread of the GIL it
+        may wait up to 5 ms for a batch to go, and under a backlog sleep 0.1 ms: see the
+        class docstring).
 
         The event is checked and serialized here, in the caller's thread: what the caller
         changes in ``properties`` (or in a tag value) afterwards is not sent, and an
@@ -385,11 +399,51 @@ class Client:
         if consumer is None:
             consumer = self._start()
         queued = len(queue)
-        if queued == self.flush_at:  # once per backlog: the consumer takes it all
+        wake_at = consumer.wake_at
+        if queued == wake_at:  # once per backlog: the consumer takes it all
             consumer.wake()
+            self._taken_at_wake = self._counters.taken
+        elif queued == wake_at + _STARVED_AFTER and self._counters.taken == self._taken_at_wake:
+            self._hand_over(consumer, wake_at)
         elif queued >= self._yield_at and self._counters.in_flight:
             self._yield_to_consumer(queued)
         return True
+
+    def _hand_over(self, consumer: Consumer, wake_at: int) -> None:
+        """Wait, 5 ms at most, while the consumer sends the batch it was woken for.
+
+        Called when the consumer has not taken that batch ``_STARVED_AFTER`` captures
+        after the wake-up: the capturing thread keeps the GIL and the consumer cannot get
+        it. CPython 3.11 hands the GIL to a waiting thread only after a switch interval
+        (5 ms) without any hand-over, and a thread busy with eager tasks releases it once
+        per task (Celery's ``uuid4()`` reads ``os.urandom``) and takes it back first every
+        time. Each of those releases wakes the consumer on the other core, which finds the
+        GIL taken and sleeps again: about 20 µs of system time and a context switch per
+        task, for as long as a send needs the GIL (``bench/eager_profile.py`` measures
+        it). Waiting here on the consumer's condition lets the whole send (join, gzip,
+        POST) run at once: on loopback 1-3 ms per batch of 100-500 events.
+
+        The consumer's wake-up size doubles each time (``consumer.wake_at``, up to
+        ``max(flush_at, yield_at // 2)``: 500 events by default), so a thread that keeps
+        starving it hands over once per few hundred events; it is back at ``flush_at``
+        as soon as a partial batch comes due by ``flush_interval`` (the capturing thread
+        slowed down). A thread that leaves the consumer the GIL (web requests waiting
+        on I/O, a worker waiting on its broker) never gets here: the consumer takes the
+        batch long before eight more captures.
+
+        The wait is bounded (a remote collector, a slow custom transport, or a consumer
+        blocked on a lock this thread holds) and never happens in the consumer's own
+        thread (a transport or a log handler that captures).
+        """
+        if threading.current_thread() is consumer:
+            return
+        consumer.wake_at = min(2 * wake_at, self._grow_to)
+        counters = self._counters
+        taken = self._taken_at_wake
+        with counters.cv:
+            counters.cv.wait_for(
+                lambda: counters.taken != taken and not counters.in_flight, _HAND_OVER_FOR
+            )
 
     def _yield_to_consumer(self, queued: int) -> None:
         """Let the consumer thread run while a batch is in flight and events pile up.

@@ -40,7 +40,8 @@ class Counters:
 class Consumer(threading.Thread):
     """One daemon thread per client and process.
 
-    Sends a batch when ``flush_at`` events are queued (``capture()`` wakes it), when the
+    Sends a batch when ``flush_at`` events are queued (``capture()`` wakes it; at
+    :attr:`wake_at`, more, while the capturing thread starves this one), when the
     oldest queued event has waited ``flush_interval`` seconds, and on ``flush()`` and
     shutdown; at other wake-ups a partial batch waits. A batch takes everything queued, up
     to 5 MiB a request, so batches grow with the backlog: a consumer that falls behind (a
@@ -68,6 +69,11 @@ class Consumer(threading.Thread):
         self.counters = counters
         self.cv = counters.cv
         self.flush_at = flush_at
+        # the queue length at which capture() wakes this thread: flush_at, raised by
+        # Client._hand_over while the capturing thread starves this one of the GIL, and
+        # back to flush_at when a partial batch comes due by the interval (a hint both
+        # threads write; a stale read only moves one wake-up)
+        self.wake_at = flush_at
         self.flush_interval = flush_interval
         self._wake = threading.Event()
         self._stopping = False
@@ -106,7 +112,10 @@ class Consumer(threading.Thread):
     def run(self) -> None:
         timeout = self.flush_interval
         while True:
-            self._wake.wait(timeout)
+            if not self._wake.wait(timeout) and self.queue:
+                # a partial batch came due by the interval: capture() no longer fills
+                # batches faster than they go, so it wakes this thread at flush_at again
+                self.wake_at = self.flush_at
             self._wake.clear()
             with guard("consumer"):
                 self._drain()

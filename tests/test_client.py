@@ -23,6 +23,7 @@ from task_scopes import (
     tag,
 )
 from task_scopes import __version__ as version
+from task_scopes import _client as client_module
 from task_scopes._consumer import Consumer, Counters
 from task_scopes._defaults import MAX_BATCH_BYTES
 from task_scopes.testing import CaptureServer, Reply
@@ -395,6 +396,81 @@ def test_a_backlog_goes_out_in_requests_that_grow_with_it(
     assert client.flush(timeout=30) == 0
     assert sum(n for _, status, n in server.requests if status == 200) == 5_000
     assert len(server.requests) <= 3, server.requests
+
+
+class _GatedTransport(InMemoryTransport):
+    """Holds its first send until :attr:`release` is set; records each batch's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.sizes: list[int] = []
+
+    def send(self, batch: Any) -> int:
+        self.sizes.append(len(batch))
+        if len(self.sizes) == 1:
+            self.entered.set()
+            assert self.release.wait(30)
+        return super().send(batch)
+
+
+def test_a_capture_that_finds_the_consumer_starved_waits_while_the_batch_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A thread that keeps the GIL leaves the consumer woken but unable to run; here it
+    # cannot run because it is still sending the previous batch. Eight captures after the
+    # wake-up, capture() waits on it (the bound raised from 5 ms so the test can see the
+    # wait) until the batch it was woken for has been sent, and the next wake-up comes
+    # at twice the size.
+    monkeypatch.setattr(client_module, "_HAND_OVER_FOR", 30.0)
+    transport = _GatedTransport()
+    client = Client("phc_test", transport=transport, flush_at=10, flush_interval=300)
+    try:
+        for _ in range(10):
+            client.capture("e")  # the 10th wakes the consumer: it takes 10, then blocks
+        assert transport.entered.wait(10)
+        for _ in range(17):
+            client.capture("e")  # the 20th in all wakes it again; it cannot take them
+        consumer = client._consumer
+        assert consumer is not None and consumer.wake_at == 10
+        sizes_when_returned: list[list[int]] = []
+
+        def eighth_after_the_wake() -> None:
+            client.capture("e")
+            sizes_when_returned.append(list(transport.sizes))
+
+        waiter = threading.Thread(target=eighth_after_the_wake)
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()  # waiting on the consumer, not returned
+        assert consumer.wake_at == 20
+        transport.release.set()
+        waiter.join(10)
+        assert not waiter.is_alive()
+        # it returned once the batch holding the 18 queued events had been sent
+        assert sizes_when_returned == [[10, 18]]
+        assert client.stats().delivered == 28
+    finally:
+        transport.release.set()
+        client.shutdown(timeout=5)
+
+
+def test_the_wake_up_size_goes_back_to_flush_at_when_a_partial_batch_comes_due() -> None:
+    transport = InMemoryTransport()
+    client = Client("phc_test", transport=transport, flush_at=10, flush_interval=0.2)
+    try:
+        client.capture("e")
+        consumer = client._consumer
+        assert consumer is not None
+        consumer.wake_at = 40  # as raised by hand-overs to a starved consumer
+        deadline = time.monotonic() + 10
+        while client.stats().delivered < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.stats().delivered == 1  # sent by the interval, not by a wake-up
+        assert consumer.wake_at == 10
+    finally:
+        client.shutdown(timeout=5)
 
 
 class _ProducerDuringSend(InMemoryTransport):
