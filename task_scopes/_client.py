@@ -75,7 +75,7 @@ class Client:
     with two bounded exceptions that give the consumer thread the GIL when the capturing
     thread keeps it (a loop of eager tasks, say). When the consumer has not taken a batch
     it was woken for eight captures later, that capture waits up to 5 ms while the batch
-    is sent, and the next wake-up comes at twice the size (up to 500 events by default;
+    is sent, and the next wake-up comes at twice the size (up to 1,000 events by default;
     back to ``flush_at`` once a partial batch comes due by ``flush_interval``); see
     ``_hand_over``. Under a backlog (more than ``max(4 * flush_at, max_queue_size //
     10)`` events queued while a batch is in flight) it sleeps 0.1 ms at most once a
@@ -86,8 +86,8 @@ class Client:
         api_key: project API key; None (and no ``transport``) makes a disabled client.
         host: capture host, e.g. ``https://eu.i.posthog.com``.
         flush_at: queued events (int >= 1) that wake the consumer to send at once (more,
-            up to ``max(flush_at, max(4 * flush_at, max_queue_size // 10) // 2)``, while
-            the capturing thread starves the consumer of the GIL: see above).
+            up to ``max(4 * flush_at, max_queue_size // 10)``, while the capturing thread
+            starves the consumer of the GIL: see above).
         flush_interval: seconds (float) a partial batch may wait.
         max_queue_size: events held in memory; a capture beyond it is dropped and counted.
         timeout: seconds (float) per HTTP attempt.
@@ -150,7 +150,7 @@ class Client:
         self._yield_at = max(4 * flush_at, max_queue_size // 10)
         self._hard_yield_at = max(self._yield_at, max_queue_size * 3 // 4)
         # the largest wake-up size for a consumer the capturing thread starves (_hand_over)
-        self._grow_to = max(flush_at, self._yield_at // 2)
+        self._grow_to = self._yield_at
         self.before_send = before_send
         self.disabled = disabled or (api_key is None and transport is None)
         if transport is None and not self.disabled:
@@ -421,15 +421,15 @@ class Client:
         GIL taken and sleeps again: about 20 µs of system time and a context switch per
         task, for as long as a send needs the GIL (``bench/eager_profile.py`` measures
         it). Waiting here on the consumer's condition lets the whole send (join, gzip,
-        POST) run at once: on loopback 1-3 ms per batch of 100-500 events.
+        POST) run at once: on loopback 1-4 ms per batch of 100-1,000 events.
 
         The consumer's wake-up size doubles each time (``consumer.wake_at``, up to
-        ``max(flush_at, yield_at // 2)``: 500 events by default), so a thread that keeps
-        starving it hands over once per few hundred events; it is back at ``flush_at``
-        as soon as a partial batch comes due by ``flush_interval`` (the capturing thread
-        slowed down). A thread that leaves the consumer the GIL (web requests waiting
-        on I/O, a worker waiting on its broker) never gets here: the consumer takes the
-        batch long before eight more captures.
+        ``max(4 * flush_at, max_queue_size // 10)``: 1,000 events by default), so a
+        thread that keeps starving it hands over once per thousand events; it is back at
+        ``flush_at`` as soon as a partial batch comes due by ``flush_interval`` (the
+        capturing thread slowed down). A thread that leaves the consumer the GIL (web
+        requests waiting on I/O, a worker waiting on its broker) never gets here: the
+        consumer takes the batch long before eight more captures.
 
         The wait is bounded (a remote collector, a slow custom transport, or a consumer
         blocked on a lock this thread holds) and never happens in the consumer's own

@@ -21,7 +21,13 @@ from typing import Any, NamedTuple
 from .._scope import MergedContext, active_stamps, merged_context
 from ._header import Limits, WireContext, check_signature, decode, encode
 
-__all__ = ["ContextHeader", "context_header", "decode_header", "with_publish_time"]
+__all__ = [
+    "ContextHeader",
+    "context_header",
+    "decode_header",
+    "decode_rest",
+    "with_publish_time",
+]
 
 _PREFIX = '{"p":'
 _P_RESERVE = 24  # bytes kept free under the cap for '"p":' + the milliseconds + ','
@@ -132,7 +138,16 @@ def decode_header(header: Any, signature: Any, secret: str | None, limits: Limit
         return decode(header, signature, secret, limits)
     if secret is not None:
         check_signature(header, signature, secret)  # over the exact string received
-    rest = header[comma + 1 :]
+    return decode_rest(header[comma + 1 :], int(published), limits)
+
+
+def decode_rest(rest: str, published_ms: int, limits: Limits) -> WireContext:
+    """The context of the header ``{"p":<published_ms>,`` + ``rest``, through the memo.
+
+    ``rest`` is the header after the publish time: :attr:`ContextHeader.rest` without its
+    opening brace. Raises :class:`~task_scopes.celery._header.WireError` as
+    :func:`~task_scopes.celery._header.decode` does.
+    """
     entry = _decoded.get(rest)
     if entry is None or entry[0] is not limits:
         entry = (limits, decode("{" + rest, None, None, limits))
@@ -142,5 +157,5 @@ def decode_header(header: Any, signature: Any, secret: str | None, limits: Limit
     # A copy with this message's publish time, made without the frozen dataclass's
     # __init__ (one object.__setattr__ per field): the same fields, one dict update.
     context = object.__new__(WireContext)
-    context.__dict__.update(entry[1].__dict__, published_ms=int(published))
+    context.__dict__.update(entry[1].__dict__, published_ms=published_ms)
     return context

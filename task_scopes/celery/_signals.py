@@ -38,7 +38,7 @@ from ._header import (
     WireError,
     sign,
 )
-from ._memo import context_header, with_publish_time
+from ._memo import context_header, decode_rest, with_publish_time
 from ._registry import REGISTRY, Installed
 from ._request import CARRIED, carried_headers, read_context, task_tags
 
@@ -189,13 +189,42 @@ def _restore(installed: Installed, headers: Mapping[str, Any], task_id: Any) -> 
     try:
         return read_context(headers, installed.options.secret, installed.limits)
     except WireError as exc:
-        _bad_header_log.warning(
-            "task_scopes: ignored the context header of task %s (%s); the task runs with an "
-            "empty context",
-            task_id,
-            exc,
-        )
+        _ignored_header(task_id, exc)
         return None
+
+
+def _ignored_header(task_id: Any, exc: WireError) -> None:
+    _bad_header_log.warning(
+        "task_scopes: ignored the context header of task %s (%s); the task runs with an "
+        "empty context",
+        task_id,
+        exc,
+    )
+
+
+def _eager_context(installed: Installed, request: Any) -> WireContext | None:
+    """The context an eager run restores: the caller's, as a worker would decode it.
+
+    No publish happened, so the caller's context goes through the encoding a published
+    task carries (caps, ``propagate``, the tags that travel) and the decoding a worker
+    does, from the same memos: eager and worker runs give the same events by
+    construction. What a worker does on top, the header string around the encoding with
+    its publish time and signature, is skipped: a signature this process made over its own
+    header always verifies. A context the caller passed in the headers itself
+    (``apply_async(headers=...)``) is read as :func:`_inject` and :func:`_restore` read it.
+    """
+    headers = carried_headers(request)
+    if installed.options.propagate:
+        rest, dropped, empty = context_header(installed.limits, installed.headers)
+        if not empty or not any(name in headers for name in _CONTEXT_HEADERS):
+            if dropped:
+                _warn_dropped(list(dropped), installed.limits)
+            try:
+                return decode_rest(rest[1:], time.time_ns() // 1_000_000, installed.limits)
+            except WireError as exc:  # as _restore() would have met it
+                _ignored_header(request.id, exc)
+                return None
+    return _restore(installed, headers, request.id)
 
 
 def _task_scope(context: WireContext | None, tags: dict[str, Any]) -> Scope:
@@ -241,13 +270,10 @@ def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
         if installed is None:
             return
         request = task.request
-        headers = carried_headers(request)
         if getattr(request, "is_eager", False):
-            # Eager: no publish happened. Take the caller's context through the same
-            # encode -> decode path a published task takes (caps, propagate, signing), so
-            # eager and worker runs give the same events by construction.
-            _inject(installed, headers, posthog=False)
-        context = _restore(installed, headers, request.id)
+            context = _eager_context(installed, request)
+        else:
+            context = _restore(installed, carried_headers(request), request.id)
         isolation = _task_scope(context, _task_tags(task, request, context, time.time()))
         client = installed.client()
         if client is not None:
