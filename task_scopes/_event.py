@@ -70,57 +70,25 @@ def _encode(message: Any) -> str:
     return "".join(_c_encode(message, 0))
 
 
-_encode_str = json.encoder.encode_basestring  # the escaping the C encoder uses
-# (key, type, value) -> '"key":value' as the C encoder writes it, for the str, int, bool
-# and None properties: tags, $lib, the Celery task name... repeat from event to event,
-# and a look-up costs a tenth of escaping a key and a value. Emptied when full.
-_pairs: dict[tuple[str, type, Any], str] = {}
-_MAX_PAIRS = 1024
-_MAX_PAIR_CHARS = 200  # a longer key + value is written, not kept
-_SCALARS: dict[type, Any] = {
-    str: _encode_str,
-    int: int.__repr__,
-    bool: lambda value: "true" if value else "false",
-    type(None): lambda _: "null",
-}
-
-
-def _encode_built(message: dict[str, Any]) -> str:
-    """:func:`_encode` for an event dict :func:`build` made (its five keys in its order,
-    a canonical UUID): the same string, for about a third of the instructions.
-
-    Properties whose key is a str and whose value is a str, int, bool or None are written
-    from :data:`_pairs`; other values go through the C encoder one by one, and a key of
-    another type sends the whole event there (JSON converts such keys). Raises what
-    :func:`_encode` raises (ValueError, TypeError, RecursionError), which
-    :func:`freeze` handles.
-    """
-    if _c_encode is None:
-        return _encode_checked(message)
-    pairs = _pairs
-    parts = []
-    for key, value in message["properties"].items():
-        kind = type(value)
-        if type(key) is not str:
-            return "".join(_c_encode(message, 0))
-        fragment = pairs.get((key, kind, value)) if kind in _SCALARS else None
-        if fragment is None:
-            if kind in _SCALARS:
-                fragment = _encode_str(key) + ":" + _SCALARS[kind](value)
-                if len(fragment) <= _MAX_PAIR_CHARS:
-                    if len(pairs) >= _MAX_PAIRS:
-                        pairs.clear()
-                    pairs[(key, kind, value)] = fragment
-            else:  # a float, a container, an object event_default converts
-                fragment = _encode_str(key) + ":" + "".join(_c_encode(value, 0))
-        parts.append(fragment)
-    return (
-        f'{{"event":{_encode_str(message["event"])},'
-        f'"distinct_id":{_encode_str(message["distinct_id"])},'
-        f'"properties":{{{",".join(parts)}}},'
-        f'"timestamp":{_encode_str(message["timestamp"])},'
-        f'"uuid":"{message["uuid"]}"}}'
-    )
+# orjson, where it is installed (a dependency on CPython; PyPy has none): it writes an event
+# for a fifth of the stdlib C encoder's instructions (measured under callgrind: 10,000
+# against 49,000 for a task's event), once per capture(). Only for what it writes as
+# json would (the same JSON values): str, int up to 64 bits, float (non-finite as null,
+# as freeze() makes them), bool, None, dict with str keys, list, tuple, Enum, UUID.
+# Everything else raises in it (subclasses, datetimes and dataclasses are passed
+# through, with no default to take them) and takes the stdlib path, which converts it.
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - CPython installs it
+    _orjson = None  # type: ignore[assignment]
+_fast_dumps: Any = _orjson.dumps if _orjson is not None else None
+_FAST_OPTIONS = (
+    _orjson.OPT_PASSTHROUGH_SUBCLASS
+    | _orjson.OPT_PASSTHROUGH_DATETIME
+    | _orjson.OPT_PASSTHROUGH_DATACLASS
+    if _orjson is not None
+    else 0
+)
 
 
 # For the tree _clean() made: only JSON types, no cycles left to look for.
@@ -381,8 +349,15 @@ def freeze(message: Any, *, check_fields: bool = True) -> str:
     """
     if check_fields:
         _check_shape(message)
+    if _fast_dumps is not None:
+        try:
+            raw = _fast_dumps(message, option=_FAST_OPTIONS)
+        except Exception:  # a value orjson leaves to the stdlib path (see _fast_dumps)
+            pass
+        else:
+            return _checked_size(raw.decode(), len(raw))
     try:
-        item = _encode(message) if check_fields else _encode_built(message)
+        item = _encode(message)
     except (ValueError, TypeError, RecursionError):
         # NaN/Infinity, a key JSON refuses, a cycle (a RecursionError or, from the
         # checked encoder, ValueError), nesting deeper than the interpreter recurses:
@@ -401,6 +376,12 @@ def freeze(message: Any, *, check_fields: bool = True) -> str:
         except UnicodeEncodeError:
             item = _SURROGATE.sub("\ufffd", item)
             size = len(item.encode())
+    return _checked_size(item, size)
+
+
+def _checked_size(item: str, size: int) -> str:
+    """``item`` (an event's JSON, ``size`` bytes as UTF-8), or :class:`Refused` when it is
+    over ``MAX_EVENT_BYTES`` or nests deeper than ``MAX_EVENT_NESTING``."""
     if size > MAX_EVENT_BYTES:
         raise Refused(
             f"{size:,} bytes as JSON, over the limit of {MAX_EVENT_BYTES:,} bytes per event",

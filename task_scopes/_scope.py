@@ -116,6 +116,28 @@ class Scope:
         self._client: Client | None = None
         self._stamp = _next_stamp()
 
+    @classmethod
+    def owning(
+        cls,
+        distinct_id: str | None,
+        session_id: str | None,
+        window_id: str | None,
+        tags: dict[str, Any],
+        groups: dict[str, str | int],
+    ) -> Scope:
+        """A scope that keeps ``tags`` and ``groups`` themselves, not copies: for a
+        caller that built them for it (a task run's isolation scope, once per task)."""
+        scope = cls.__new__(cls)
+        scope._distinct_id = distinct_id
+        scope._session_id = session_id
+        scope._window_id = window_id
+        scope._groups = groups
+        scope._tags = tags
+        scope._owner = None
+        scope._client = None
+        scope._stamp = _next_stamp()
+        return scope
+
     def __repr__(self) -> str:
         return (
             f"Scope(distinct_id={self._distinct_id!r}, session_id={self._session_id!r}, "

@@ -1,6 +1,7 @@
-"""The event JSON capture() queues: the fast writer for events build() made gives exactly
-the string the general encoder gives, for any properties; and an interpreter without
-json's C accelerator gets the same string from the pure-Python encoder.
+"""The event JSON capture() queues: orjson (where installed) writes the same JSON values
+as the stdlib encoder for any properties, leaving to it what it would write its own way;
+and an interpreter without json's C accelerator gets the same string from the
+pure-Python encoder.
 
 Also the pieces each event is stamped with: UUIDv7 and the ISO 8601 timestamp, both from
 one clock reading.
@@ -40,10 +41,10 @@ class Point:
     y: float
 
 
-# Values of every kind the fast writer treats apart: the scalars it keeps in its memo
-# (str, int, bool, None), their subclasses and floats (written by the C encoder one by
-# one), containers, objects event_default converts, and the values that make the whole
-# event fail (non-finite floats, unwritable keys) so freeze() takes its cleaning path.
+# Values of every kind the two writers could treat apart: scalars, ints past 64 bits,
+# subclasses, floats, containers, objects event_default converts, and the values that
+# make the stdlib encoder fail (non-finite floats, unwritable keys) so freeze() takes its
+# cleaning path.
 scalars = st.one_of(
     st.text(max_size=30),
     st.integers(min_value=-(2**70), max_value=2**70),
@@ -63,55 +64,77 @@ values = st.recursive(
 keys = st.one_of(st.text(max_size=12), st.sampled_from([1, None, True, 2.5, ("t",)]))
 
 
-def _outcome(encode: Any, message: dict[str, Any]) -> str:
+def _outcome(message: dict[str, Any]) -> Any:
+    """What freeze() makes of ``message``: the JSON value it wrote, or the refusal."""
     try:
-        return str(encode(message))
-    except (ValueError, TypeError, RecursionError) as exc:  # what freeze() catches
-        return f"raised {type(exc).__name__}"
+        return json.loads(_event.freeze(message, check_fields=False))
+    except _event.Refused as refused:
+        return f"refused: {refused.kind}"
 
 
-@settings(max_examples=400, deadline=None)
-@given(props=st.dictionaries(keys, values, max_size=8), name=st.text(min_size=1, max_size=8))
-def test_the_fast_writer_gives_the_general_encoders_string_for_any_properties(
-    props: dict[Any, Any], name: str
-) -> None:
-    message = {
+def _message(props: dict[Any, Any], name: str = "e") -> dict[str, Any]:
+    return {
         "event": name,
         "distinct_id": 'user-\u00e9"1',
         "properties": props,
         "timestamp": "2026-12-02T01:03:29.302372+00:00",
         "uuid": _event.uuid7(),
     }
-    want = _outcome(_event._encode, message)
-    assert _outcome(_event._encode_built, message) == want
-    assert _outcome(_event._encode_built, message) == want  # again, from the memo
 
 
-def test_the_memo_of_written_properties_stays_bounded_and_right_after_it_is_emptied() -> None:
-    _event._pairs.clear()
-    for i in range(_event._MAX_PAIRS * 3):
-        message = {
-            "event": "e",
-            "distinct_id": "d",
-            "properties": {"i": i, "plan": "pro"},
-            "timestamp": "t",
-            "uuid": _event.uuid7(),
-        }
-        assert _event._encode_built(message) == _event._encode(message)
-        assert len(_event._pairs) <= _event._MAX_PAIRS
+@settings(max_examples=400, deadline=None)
+@given(props=st.dictionaries(keys, values, max_size=8), name=st.text(min_size=1, max_size=8))
+def test_orjson_and_the_stdlib_encoder_give_the_same_event_for_any_properties(
+    props: dict[Any, Any], name: str
+) -> None:
+    message = _message(props, name)
+    fast = _outcome(message)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_event, "_fast_dumps", None)
+        assert _outcome(message) == fast
 
 
-def test_a_long_value_is_written_but_not_kept() -> None:
-    _event._pairs.clear()
-    message = {
-        "event": "e",
-        "distinct_id": "d",
-        "properties": {"long": "x" * 500},
-        "timestamp": "t",
-        "uuid": _event.uuid7(),
+def test_what_orjson_would_write_its_own_way_is_converted_as_everywhere_else() -> None:
+    # orjson has its own forms for datetimes, dataclasses and subclasses of str, int, dict
+    # and list; they are passed through to the stdlib path, which converts them as the
+    # README's table says: the same string either way.
+    class Mapping(dict):  # type: ignore[type-arg]
+        def items(self) -> Any:
+            return [("overridden", 1)]
+
+    props = {
+        "when": datetime(2026, 12, 2, 7, 3, tzinfo=timezone(timedelta(hours=2))),
+        "naive": datetime(2026, 12, 2, 7, 3, 0, 5),
+        "point": Point(1, 2.5),
+        "name": Name("n"),
+        "level": Level.HIGH,
+        "mapping": Mapping(a=1),
+        "id": uuid.UUID(int=7),
+        "big": 2**64,
     }
-    assert json.loads(_event._encode_built(message))["properties"]["long"] == "x" * 500
-    assert _event._pairs == {}
+    message = _message(props)
+    fast = _event.freeze(message, check_fields=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_event, "_fast_dumps", None)
+        assert _event.freeze(message, check_fields=False) == fast
+    assert json.loads(fast)["properties"]["when"] == "2026-12-02T07:03:00+02:00"
+
+
+def test_orjson_writes_a_plain_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fast path is taken (not silently always the fallback), and its JSON is the
+    # stdlib's value for value.
+    calls: list[Any] = []
+    dumps = _event._fast_dumps
+
+    def counting(message: Any, **options: Any) -> Any:
+        calls.append(message)
+        return dumps(message, **options)
+
+    monkeypatch.setattr(_event, "_fast_dumps", counting)
+    message = _message({"plan": "pro", "n": 3, "ratio": 0.5, "on": True, "x": None})
+    item = _event.freeze(message, check_fields=False)
+    assert calls == [message]
+    assert json.loads(item) == json.loads(_event._encode(message))
 
 
 def test_without_the_c_accelerator_events_are_written_the_same(
@@ -121,6 +144,8 @@ def test_without_the_c_accelerator_events_are_written_the_same(
         task_scopes.tag("plan", "pro")
         message = _event.build("order", "user-1", {"n": 1.5, "p": Point(1, 2.5)}, None, None)
     with_c = _event.freeze(message, check_fields=False)
+    monkeypatch.setattr(_event, "_fast_dumps", None)
+    assert _event.freeze(message, check_fields=False) == with_c
     monkeypatch.setattr(_event, "_c_encode", None)
     assert _event.freeze(message, check_fields=False) == with_c
     assert _event.freeze(message) == with_c

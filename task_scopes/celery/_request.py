@@ -81,16 +81,14 @@ def read_context(
     return decode_posthog(distinct_id, session_id, tags, limits)
 
 
-def task_tags(task: Any, request: Any) -> dict[str, Any]:
-    """The tags describing this execution: ``celery_task_id``, ``celery_task_name``,
-    ``celery_queue`` (see :func:`_queue`), ``celery_retry_count``, ``celery_hostname``
-    (when known)."""
+def task_tags(task: Any, request: Any, tags: dict[str, Any]) -> dict[str, Any]:
+    """Write the tags describing this execution into ``tags`` and return it:
+    ``celery_task_id``, ``celery_task_name``, ``celery_retry_count``, ``celery_queue``
+    (see :func:`_queue`) and ``celery_hostname`` (when known), in this order."""
     fields = _fields(request)
-    tags: dict[str, Any] = {
-        "celery_task_id": fields.get("id"),
-        "celery_task_name": getattr(task, "name", None),
-        "celery_retry_count": fields.get("retries") or 0,
-    }
+    tags["celery_task_id"] = fields.get("id")
+    tags["celery_task_name"] = getattr(task, "name", None)
+    tags["celery_retry_count"] = fields.get("retries") or 0
     delivery_info = fields.get("delivery_info")
     if type(delivery_info) is dict or isinstance(delivery_info, Mapping):
         queue = _queue(task, delivery_info)

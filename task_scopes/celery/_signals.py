@@ -202,8 +202,9 @@ def _ignored_header(task_id: Any, exc: WireError) -> None:
     )
 
 
-def _eager_context(installed: Installed, request: Any) -> WireContext | None:
-    """The context an eager run restores: the caller's, as a worker would decode it.
+def _eager_context(installed: Installed, request: Any) -> tuple[WireContext | None, int | None]:
+    """``(context, latency_ms)`` of an eager run: the caller's context, as a worker would
+    decode it, and a queue latency of 0 (nothing was queued).
 
     No publish happened, so the caller's context goes through the encoding a published
     task carries (caps, ``propagate``, the tags that travel) and the decoding a worker
@@ -211,35 +212,44 @@ def _eager_context(installed: Installed, request: Any) -> WireContext | None:
     construction. What a worker does on top, the header string around the encoding with
     its publish time and signature, is skipped: a signature this process made over its own
     header always verifies. A context the caller passed in the headers itself
-    (``apply_async(headers=...)``) is read as :func:`_inject` and :func:`_restore` read it.
+    (``apply_async(headers=...)``) is read as a worker reads it, when the caller's own
+    context is empty (as :func:`_inject` leaves it in place).
     """
-    headers = carried_headers(request)
-    if installed.options.propagate:
-        rest, dropped, empty = context_header(installed.limits, installed.headers)
-        if not empty or not any(name in headers for name in _CONTEXT_HEADERS):
-            if dropped:
-                _warn_dropped(list(dropped), installed.limits)
-            try:
-                return decode_rest(rest[1:], time.time_ns() // 1_000_000, installed.limits)
-            except WireError as exc:  # as _restore() would have met it
-                _ignored_header(request.id, exc)
-                return None
-    return _restore(installed, headers, request.id)
+    if not installed.options.propagate:
+        return None, None
+    found = context_header(installed.limits, installed.headers)
+    if found.empty:
+        headers = carried_headers(request)
+        if any(name in headers for name in _CONTEXT_HEADERS):
+            context = _restore(installed, headers, request.id)
+            return context, _latency_ms(context, time.time())
+    elif found.dropped:
+        _warn_dropped(list(found.dropped), installed.limits)
+    try:
+        return decode_rest(found.rest, installed.limits), 0
+    except WireError as exc:  # as _restore() would have met it
+        _ignored_header(request.id, exc)
+        return None, None
 
 
-def _task_scope(context: WireContext | None, tags: dict[str, Any]) -> Scope:
+def _task_scope(task: Any, request: Any, context: WireContext | None, latency: int | None) -> Scope:
     """The isolation scope of a task run: the received ``context`` (None: nothing
-    received), then ``tags`` (the run's ``celery_*`` tags) over its tags."""
+    received), the run's ``celery_*`` tags over its tags, then ``celery_queue_latency_ms``
+    when ``latency`` (ms) is known. Built in place: one dict for the tags, no copies."""
     if context is None:
-        return Scope(tags=tags)
-    if context.tags:
-        tags = {**context.tags, **tags}
-    return Scope(
-        distinct_id=context.distinct_id,
-        session_id=context.session_id,
-        window_id=context.window_id,
-        tags=tags,
-        groups=context.groups,
+        tags = task_tags(task, request, {})
+        if latency is not None:
+            tags[_LATENCY] = latency
+        return Scope.owning(None, None, None, tags, {})
+    tags = task_tags(task, request, dict(context.tags) if context.tags else {})
+    if latency is not None:
+        tags[_LATENCY] = latency
+    return Scope.owning(
+        context.distinct_id,
+        context.session_id,
+        context.window_id,
+        tags,
+        dict(context.groups) if context.groups else {},
     )
 
 
@@ -253,16 +263,6 @@ def _latency_ms(context: WireContext | None, started: float | None) -> int | Non
     return max(0, round(started * 1000) - context.published_ms)
 
 
-def _task_tags(
-    task: Any, request: Any, context: WireContext | None, started: Any
-) -> dict[str, Any]:
-    tags = task_tags(task, request)
-    latency = _latency_ms(context, started if isinstance(started, (int, float)) else None)
-    if latency is not None:
-        tags[_LATENCY] = latency
-    return tags
-
-
 def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
     try:  # the guard as try/except: cheaper than a with block on this hot path
         task = task if task is not None else sender
@@ -271,10 +271,11 @@ def _on_task_prerun(task: Any = None, sender: Any = None, **_: Any) -> None:
             return
         request = task.request
         if getattr(request, "is_eager", False):
-            context = _eager_context(installed, request)
+            context, latency = _eager_context(installed, request)
         else:
             context = _restore(installed, carried_headers(request), request.id)
-        isolation = _task_scope(context, _task_tags(task, request, context, time.time()))
+            latency = _latency_ms(context, time.time())
+        isolation = _task_scope(task, request, context, latency)
         client = installed.client()
         if client is not None:
             isolation.set_client(client)
@@ -352,9 +353,9 @@ def _on_task_failure(
         # The worker's Request (alive: it is reporting this failure) knows when the child
         # accepted the task, in epoch seconds.
         started = getattr(_live_requests.get(task_id), "time_start", None)
-        tags = _task_tags(sender, request, context, started)
-        tags["celery_task_id"] = task_id
-        isolation = _task_scope(context, tags)
+        latency = _latency_ms(context, started if isinstance(started, (int, float)) else None)
+        isolation = _task_scope(sender, request, context, latency)
+        isolation.set_tag("celery_task_id", task_id)
         isolation.set_client(installed.client())
         tokens = enter_scope(isolation, Scope())
         try:

@@ -158,5 +158,5 @@ def test_celery_queue_is_set_only_when_the_routing_names_the_queue(
     routed_app: Celery, delivery_info: dict[str, Any], queue: str | None
 ) -> None:
     request = Context(id="id-1", delivery_info=delivery_info)
-    tags = task_tags(routed_app.tasks["routes.work"], request)
+    tags = task_tags(routed_app.tasks["routes.work"], request, {})
     assert tags.get("celery_queue") == queue
