@@ -23,6 +23,9 @@ task_scopes+capture
     included, in their cheapest form: how a sending thread interleaves with the loop
     depends on thread timing, which no two runs repeat).
 
+Every run has ``PYTHONHASHSEED=0``, so that the two runs of a pair lay their dicts out
+alike (with random seeds the difference moved by thousands of instructions per iteration).
+
 Instruction counts are not time: memory stalls, the other core's load and GIL hand-offs
 are not in them. They show which part of the cost is whose.
 """
@@ -30,6 +33,7 @@ are not in them. They show which part of the cost is whose.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -53,6 +57,10 @@ def _instructions(mode: str, variant: str, count: int, url: str, out_dir: Path) 
             sys.executable, str(BENCH / "_instr_loop.py"), mode, variant, str(count), url,
         ],
         capture_output=True, text=True, cwd=BENCH, timeout=1800,
+        # one hash seed for every run: with a random one, dict layouts (and the probes of
+        # each look-up) differ between the 0- and the N-iteration run by thousands of
+        # instructions per iteration
+        env={**os.environ, "PYTHONHASHSEED": "0"},
     )  # fmt: skip
     found = _COLLECTED.search(done.stderr)
     if done.returncode != 0 or found is None:
