@@ -75,19 +75,20 @@ class Client:
     with two bounded exceptions that give the consumer thread the GIL when the capturing
     thread keeps it (a loop of eager tasks, say). When the consumer has not taken a batch
     it was woken for eight captures later, that capture waits up to 5 ms while the batch
-    is sent, and the next wake-up comes at twice the size (up to 1,000 events by default;
+    is sent, and the next wake-up comes at twice the size (up to 500 events by default;
     back to ``flush_at`` once a partial batch comes due by ``flush_interval``); see
-    ``_hand_over``. Under a backlog (more than ``max(4 * flush_at, max_queue_size //
-    10)`` events queued while a batch is in flight) it sleeps 0.1 ms at most once a
-    millisecond, and past three quarters of ``max_queue_size`` at every capture (see
+    ``_hand_over``. While a batch is in flight, it sleeps 0.1 ms at most once a
+    millisecond when that wait ended before the send did (a slow or remote collector),
+    or under a backlog (more than ``max(4 * flush_at, max_queue_size // 10)`` events
+    queued), and past three quarters of ``max_queue_size`` at every capture (see
     ``_yield_to_consumer``).
 
     Args:
         api_key: project API key; None (and no ``transport``) makes a disabled client.
         host: capture host, e.g. ``https://eu.i.posthog.com``.
         flush_at: queued events (int >= 1) that wake the consumer to send at once (more,
-            up to ``max(4 * flush_at, max_queue_size // 10)``, while the capturing thread
-            starves the consumer of the GIL: see above).
+            up to ``max(flush_at, max(4 * flush_at, max_queue_size // 10) // 2)``, while
+            the capturing thread starves the consumer of the GIL: see above).
         flush_interval: seconds (float) a partial batch may wait.
         max_queue_size: events held in memory; a capture beyond it is dropped and counted.
         timeout: seconds (float) per HTTP attempt.
@@ -150,7 +151,7 @@ class Client:
         self._yield_at = max(4 * flush_at, max_queue_size // 10)
         self._hard_yield_at = max(self._yield_at, max_queue_size * 3 // 4)
         # the largest wake-up size for a consumer the capturing thread starves (_hand_over)
-        self._grow_to = self._yield_at
+        self._grow_to = max(flush_at, self._yield_at // 2)
         self.before_send = before_send
         self.disabled = disabled or (api_key is None and transport is None)
         if transport is None and not self.disabled:
@@ -176,6 +177,7 @@ class Client:
         self._queue: deque[str] = deque()  # events frozen as JSON by capture()
         self._next_yield = 0.0  # see _yield_to_consumer()
         self._taken_at_wake = 0  # counters.taken when capture() last woke the consumer
+        self._slow_send = False  # the last hand-over ended before the send did
         self._start_lock = threading.Lock()
         self._consumer: Consumer | None = None
         self._counters = Counters()
@@ -405,7 +407,7 @@ class Client:
             self._taken_at_wake = self._counters.taken
         elif queued == wake_at + _STARVED_AFTER and self._counters.taken == self._taken_at_wake:
             self._hand_over(consumer, wake_at)
-        elif queued >= self._yield_at and self._counters.in_flight:
+        elif self._counters.in_flight and (queued >= self._yield_at or self._slow_send):
             self._yield_to_consumer(queued)
         return True
 
@@ -421,19 +423,24 @@ class Client:
         GIL taken and sleeps again: about 20 µs of system time and a context switch per
         task, for as long as a send needs the GIL (``bench/eager_profile.py`` measures
         it). Waiting here on the consumer's condition lets the whole send (join, gzip,
-        POST) run at once: on loopback 1-4 ms per batch of 100-1,000 events.
+        POST) run at once: on loopback 1-3 ms per batch of 100-500 events.
 
         The consumer's wake-up size doubles each time (``consumer.wake_at``, up to
-        ``max(4 * flush_at, max_queue_size // 10)``: 1,000 events by default), so a
-        thread that keeps starving it hands over once per thousand events; it is back at
-        ``flush_at`` as soon as a partial batch comes due by ``flush_interval`` (the
-        capturing thread slowed down). A thread that leaves the consumer the GIL (web
+        ``max(flush_at, max(4 * flush_at, max_queue_size // 10) // 2)``: 500 events by
+        default, a batch that goes within the wait on loopback), so a thread that keeps
+        starving it hands over once per few hundred events; it is back at ``flush_at``
+        as soon as a partial batch comes due by ``flush_interval`` (the capturing thread
+        slowed down). A thread that leaves the consumer the GIL (web
         requests waiting on I/O, a worker waiting on its broker) never gets here: the
         consumer takes the batch long before eight more captures.
 
         The wait is bounded (a remote collector, a slow custom transport, or a consumer
         blocked on a lock this thread holds) and never happens in the consumer's own
-        thread (a transport or a log handler that captures).
+        thread (a transport or a log handler that captures). When it ends before the
+        send does, the rest of the send needs the GIL again once the collector answers:
+        until it is done, ``_yield_to_consumer`` gives it 0.1 ms once a millisecond.
+        Measured with a collector answering after 50 ms, a loop of eager tasks ran as
+        fast as with the consumer starving, with a tenth of the system time.
         """
         if threading.current_thread() is consumer:
             return
@@ -441,7 +448,7 @@ class Client:
         counters = self._counters
         taken = self._taken_at_wake
         with counters.cv:
-            counters.cv.wait_for(
+            self._slow_send = not counters.cv.wait_for(
                 lambda: counters.taken != taken and not counters.in_flight, _HAND_OVER_FOR
             )
 
@@ -454,9 +461,10 @@ class Client:
         switch interval (5 ms) without any hand-over, and the releasing thread wins the
         race for it every time. Each of the dozen system calls of a POST then waits, a
         request of a few hundred events took seconds, and the queue overflowed. Here the
-        capturing thread sleeps 0.1 ms at most once per millisecond while more than
-        ``_yield_at`` events are queued and a batch is being sent: at most a tenth of its
-        time, only under such a backlog, and far less than losing the events. Past three
+        capturing thread sleeps 0.1 ms at most once per millisecond while a batch is
+        being sent and either more than ``_yield_at`` events are queued or the last
+        hand-over (``_hand_over``) ended before its send: at most a tenth of its time,
+        only then, and far less than losing the events or a starved send. Past three
         quarters of ``max_queue_size`` it sleeps 0.1 ms at every capture: the queue is
         about to drop events. That is bounded too: once the queue is full, events are
         dropped without a sleep (during an outage, say).

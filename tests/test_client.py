@@ -451,6 +451,42 @@ def test_a_capture_that_finds_the_consumer_starved_waits_while_the_batch_goes(
         # it returned once the batch holding the 18 queued events had been sent
         assert sizes_when_returned == [[10, 18]]
         assert client.stats().delivered == 28
+        assert not client._slow_send  # the send ended within the wait
+    finally:
+        transport.release.set()
+        client.shutdown(timeout=5)
+
+
+def test_after_a_hand_over_that_ended_before_the_send_capture_yields_while_it_is_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A slow collector: the 5 ms wait ends with the batch still in flight. The rest of
+    # the send needs the GIL when the answer comes, so capture() gives it 0.1 ms once a
+    # millisecond until it is done (without a backlog), and stops once it is.
+    yields: list[int] = []
+    real = Client._yield_to_consumer
+
+    def recording(self: Client, queued: int) -> None:
+        yields.append(queued)
+        real(self, queued)
+
+    monkeypatch.setattr(Client, "_yield_to_consumer", recording)
+    transport = _GatedTransport()
+    client = Client("phc_test", transport=transport, flush_at=10, flush_interval=300)
+    try:
+        for _ in range(10):
+            client.capture("e")
+        assert transport.entered.wait(10)
+        for _ in range(18):  # a wake-up at 20, the hand-over at 28: it times out
+            client.capture("e")
+        assert client._slow_send
+        assert yields == []
+        client.capture("e")  # in flight, no backlog: yields because the send is slow
+        assert yields == [19]
+        transport.release.set()
+        assert client.flush(timeout=10) == 0
+        client.capture("e")  # nothing in flight: no yield
+        assert yields == [19]
     finally:
         transport.release.set()
         client.shutdown(timeout=5)
