@@ -117,7 +117,7 @@ class Scope:
         self._stamp = _next_stamp()
 
     @classmethod
-    def owning(
+    def _owning(
         cls,
         distinct_id: str | None,
         session_id: str | None,

@@ -240,11 +240,11 @@ def _task_scope(task: Any, request: Any, context: WireContext | None, latency: i
         tags = task_tags(task, request, {})
         if latency is not None:
             tags[_LATENCY] = latency
-        return Scope.owning(None, None, None, tags, {})
+        return Scope._owning(None, None, None, tags, {})
     tags = task_tags(task, request, dict(context.tags) if context.tags else {})
     if latency is not None:
         tags[_LATENCY] = latency
-    return Scope.owning(
+    return Scope._owning(
         context.distinct_id,
         context.session_id,
         context.window_id,
