@@ -74,21 +74,21 @@ class Client:
     a bounded in-memory queue and returns its UUID. It does not wait for the network,
     with two bounded exceptions that give the consumer thread the GIL when the capturing
     thread keeps it (a loop of eager tasks, say). When the consumer has not taken a batch
-    it was woken for eight captures later, that capture waits up to 5 ms while the batch
-    is sent, and the next wake-up comes at twice the size (up to 500 events by default;
-    back to ``flush_at`` once a partial batch comes due by ``flush_interval``); see
-    ``_hand_over``. While a batch is in flight, it sleeps 0.1 ms at most once a
-    millisecond when that wait ended before the send did (a slow or remote collector),
-    or under a backlog (more than ``max(4 * flush_at, max_queue_size // 10)`` events
-    queued), and past three quarters of ``max_queue_size`` at every capture (see
-    ``_yield_to_consumer``).
+    it was woken for eight captures later (and is not busy with a send), that capture
+    waits up to 5 ms while the batch is sent, and the next wake-up comes at twice the
+    size (up to 500 events by default; back to ``flush_at`` once a partial batch comes
+    due by ``flush_interval``); see ``_hand_over``. While a batch is in flight, it sleeps
+    0.1 ms at most once a millisecond when that wait ended before the send did (a slow
+    collector; until a capture finds nothing in flight), or under a backlog (more than
+    ``max(4 * flush_at, max_queue_size // 10)`` events queued), and past three quarters
+    of ``max_queue_size`` at every capture (see ``_yield_to_consumer``).
 
     Args:
         api_key: project API key; None (and no ``transport``) makes a disabled client.
         host: capture host, e.g. ``https://eu.i.posthog.com``.
         flush_at: queued events (int >= 1) that wake the consumer to send at once (more,
-            up to ``max(flush_at, max(4 * flush_at, max_queue_size // 10) // 2)``, while
-            the capturing thread starves the consumer of the GIL: see above).
+            up to 500 by default and never past what the queue holds, while the
+            capturing thread starves the consumer of the GIL: see above).
         flush_interval: seconds (float) a partial batch may wait.
         max_queue_size: events held in memory; a capture beyond it is dropped and counted.
         timeout: seconds (float) per HTTP attempt.
@@ -150,8 +150,9 @@ class Client:
         # a backlog that means the consumer is falling behind (see _yield_to_consumer)
         self._yield_at = max(4 * flush_at, max_queue_size // 10)
         self._hard_yield_at = max(self._yield_at, max_queue_size * 3 // 4)
-        # the largest wake-up size for a consumer the capturing thread starves (_hand_over)
-        self._grow_to = max(flush_at, self._yield_at // 2)
+        # the largest wake-up size for a consumer the capturing thread starves (_hand_over):
+        # one the queue can hold, with the eight captures that tell starvation
+        self._grow_to = max(flush_at, min(self._yield_at // 2, max_queue_size - _STARVED_AFTER))
         self.before_send = before_send
         self.disabled = disabled or (api_key is None and transport is None)
         if transport is None and not self.disabled:
@@ -402,45 +403,57 @@ class Client:
             consumer = self._start()
         queued = len(queue)
         wake_at = consumer.wake_at
+        counters = self._counters
         if queued == wake_at:  # once per backlog: the consumer takes it all
             consumer.wake()
-            self._taken_at_wake = self._counters.taken
-        elif queued == wake_at + _STARVED_AFTER and self._counters.taken == self._taken_at_wake:
+            self._taken_at_wake = counters.taken
+        elif (
+            queued == wake_at + _STARVED_AFTER
+            and not counters.in_flight  # not busy with a send: woken and never run since
+            and counters.taken == self._taken_at_wake
+        ):
             self._hand_over(consumer, wake_at)
-        elif self._counters.in_flight and (queued >= self._yield_at or self._slow_send):
-            self._yield_to_consumer(queued)
+        elif counters.in_flight:
+            if queued >= self._yield_at or self._slow_send:
+                self._yield_to_consumer(queued)
+        elif self._slow_send:  # the slow send is over
+            self._slow_send = False
         return True
 
     def _hand_over(self, consumer: Consumer, wake_at: int) -> None:
         """Wait, 5 ms at most, while the consumer sends the batch it was woken for.
 
-        Called when the consumer has not taken that batch ``_STARVED_AFTER`` captures
-        after the wake-up: the capturing thread keeps the GIL and the consumer cannot get
-        it. CPython 3.11 hands the GIL to a waiting thread only after a switch interval
-        (5 ms) without any hand-over, and a thread busy with eager tasks releases it once
-        per task (Celery's ``uuid4()`` reads ``os.urandom``) and takes it back first every
-        time. Each of those releases wakes the consumer on the other core, which finds the
-        GIL taken and sleeps again: about 20 µs of system time and a context switch per
-        task, for as long as a send needs the GIL (``bench/eager_profile.py`` measures
-        it). Waiting here on the consumer's condition lets the whole send (join, gzip,
-        POST) run at once: on loopback 1-3 ms per batch of 100-500 events.
+        Called when, ``_STARVED_AFTER`` captures after the wake-up, the consumer has
+        neither taken that batch nor any send in flight: it was woken and has not run
+        since, because the capturing thread keeps the GIL. CPython 3.11 hands the GIL to
+        a waiting thread only after a switch interval (5 ms) without any hand-over, and a
+        thread busy with eager tasks releases it once per task (Celery's ``uuid4()``
+        reads ``os.urandom``) and takes it back first every time. Each of those releases
+        wakes the consumer on the other core, which finds the GIL taken and sleeps
+        again: about 20 µs of system time and a context switch per task, for as long as
+        a send needs the GIL (``bench/eager_profile.py`` measures it). Waiting here on
+        the consumer's condition lets the whole send (join, gzip, POST) run at once: on
+        loopback 1-3 ms per batch of 100-500 events. A consumer busy sending the
+        previous batch (a remote collector) is not waited for.
 
         The consumer's wake-up size doubles each time (``consumer.wake_at``, up to
-        ``max(flush_at, max(4 * flush_at, max_queue_size // 10) // 2)``: 500 events by
-        default, a batch that goes within the wait on loopback), so a thread that keeps
-        starving it hands over once per few hundred events; it is back at ``flush_at``
-        as soon as a partial batch comes due by ``flush_interval`` (the capturing thread
-        slowed down). A thread that leaves the consumer the GIL (web
-        requests waiting on I/O, a worker waiting on its broker) never gets here: the
-        consumer takes the batch long before eight more captures.
+        ``max(flush_at, min(max(4 * flush_at, max_queue_size // 10) // 2,
+        max_queue_size - 8))``: 500 events by default, a batch that goes within the wait
+        on loopback, and always one the queue can hold), so a thread that keeps starving
+        it hands over once per few hundred events; it is back at ``flush_at`` as soon as
+        a partial batch comes due by ``flush_interval`` (the capturing thread slowed
+        down). A thread that leaves the consumer the GIL (web requests waiting on I/O, a
+        worker waiting on its broker) does not get here: the consumer takes the batch
+        long before eight more captures.
 
-        The wait is bounded (a remote collector, a slow custom transport, or a consumer
+        The wait is bounded (a slow collector, a slow custom transport, or a consumer
         blocked on a lock this thread holds) and never happens in the consumer's own
         thread (a transport or a log handler that captures). When it ends before the
         send does, the rest of the send needs the GIL again once the collector answers:
-        until it is done, ``_yield_to_consumer`` gives it 0.1 ms once a millisecond.
-        Measured with a collector answering after 50 ms, a loop of eager tasks ran as
-        fast as with the consumer starving, with a tenth of the system time.
+        until a capture finds no batch in flight, ``_yield_to_consumer`` gives it 0.1 ms
+        once a millisecond while one is. Measured with a collector answering after
+        50 ms, a loop of eager tasks ran as fast as with the consumer starving, with a
+        tenth of the system time.
         """
         if threading.current_thread() is consumer:
             return

@@ -77,6 +77,10 @@ def _encode(message: Any) -> str:
 # as freeze() makes them), bool, None, dict with str keys, list, tuple, Enum, UUID.
 # Everything else raises in it (subclasses, datetimes and dataclasses are passed
 # through, with no default to take them) and takes the stdlib path, which converts it.
+# Two exceptions, by design of orjson: an Enum member with a str or int mix-in is
+# written as its value (the stdlib writes its str or int content; they differ only for
+# a member whose value is not its content), and an orjson.Fragment is written as the raw
+# JSON it holds (the caller's to make valid: that is what the type is for).
 try:
     import orjson as _orjson
 except ImportError:  # pragma: no cover - CPython installs it

@@ -415,54 +415,110 @@ class _GatedTransport(InMemoryTransport):
         return super().send(batch)
 
 
+def _starve_then_capture(client: Client, captures: int) -> tuple[threading.Thread, list[Any]]:
+    """Start ``client``'s consumer, then hold the lock it takes batches under (as a
+    thread that keeps the GIL holds it off) while ``captures`` events are queued; the last
+    one is captured in a thread of its own, returned with what it saw when it returned
+    (the sizes its transport had sent). The caller releases the lock."""
+    client.capture("e")  # the consumer starts and waits for a wake-up
+    client._counters.cv.acquire()
+    for _ in range(captures - 2):
+        client.capture("e")
+    transport: Any = client.transport
+    seen: list[Any] = []
+
+    def last() -> None:
+        client.capture("e")
+        seen.append(list(transport.sizes))
+
+    waiter = threading.Thread(target=last)
+    waiter.start()
+    return waiter, seen
+
+
 def test_a_capture_that_finds_the_consumer_starved_waits_while_the_batch_goes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A thread that keeps the GIL leaves the consumer woken but unable to run; here it
-    # cannot run because it is still sending the previous batch. Eight captures after the
-    # wake-up, capture() waits on it (the bound raised from 5 ms so the test can see the
-    # wait) until the batch it was woken for has been sent, and the next wake-up comes
-    # at twice the size.
+    # Woken at 10 queued events, the consumer cannot take them; eight captures later,
+    # capture() waits for it (the bound raised from 5 ms so the test can see the wait)
+    # until the batch has been sent, and the next wake-up comes at twice the size.
     monkeypatch.setattr(client_module, "_HAND_OVER_FOR", 30.0)
+    transport = _GatedTransport()
+    transport.release.set()
+    client = Client("phc_test", transport=transport, flush_at=10, flush_interval=300)
+    try:
+        waiter, seen = _starve_then_capture(client, 18)
+        try:
+            waiter.join(0.3)
+            assert waiter.is_alive()  # waiting for the consumer, not returned
+            consumer = client._consumer
+            assert consumer is not None and consumer.wake_at == 20
+        finally:
+            client._counters.cv.release()
+        waiter.join(10)
+        assert not waiter.is_alive()
+        assert seen == [[18]]  # it returned once the batch of 18 had been sent
+        assert client.stats().delivered == 18
+        assert not client._slow_send  # the send ended within the wait
+    finally:
+        client.shutdown(timeout=5)
+
+
+def test_a_consumer_busy_with_a_send_is_not_waited_for() -> None:
+    # A slow collector: the queue refills to flush_at while a batch is in flight. The
+    # consumer is not starved, it is waiting for the network: capture() goes on.
     transport = _GatedTransport()
     client = Client("phc_test", transport=transport, flush_at=10, flush_interval=300)
     try:
         for _ in range(10):
-            client.capture("e")  # the 10th wakes the consumer: it takes 10, then blocks
+            client.capture("e")  # the 10th wakes the consumer: it takes 10 and blocks
         assert transport.entered.wait(10)
-        for _ in range(17):
-            client.capture("e")  # the 20th in all wakes it again; it cannot take them
-        consumer = client._consumer
-        assert consumer is not None and consumer.wake_at == 10
-        sizes_when_returned: list[list[int]] = []
-
-        def eighth_after_the_wake() -> None:
+        for _ in range(30):  # a wake-up at 10 queued, and eight past it
             client.capture("e")
-            sizes_when_returned.append(list(transport.sizes))
-
-        waiter = threading.Thread(target=eighth_after_the_wake)
-        waiter.start()
-        waiter.join(0.3)
-        assert waiter.is_alive()  # waiting on the consumer, not returned
-        assert consumer.wake_at == 20
+        consumer = client._consumer
+        assert consumer is not None and consumer.wake_at == 10  # no hand-over happened
+        assert not client._slow_send
         transport.release.set()
-        waiter.join(10)
-        assert not waiter.is_alive()
-        # it returned once the batch holding the 18 queued events had been sent
-        assert sizes_when_returned == [[10, 18]]
-        assert client.stats().delivered == 28
-        assert not client._slow_send  # the send ended within the wait
+        assert client.flush(timeout=10) == 0
     finally:
         transport.release.set()
+        client.shutdown(timeout=5)
+
+
+def test_the_wake_up_size_never_grows_past_what_the_queue_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # flush_at 600 with a queue of 1,000: doubling would ask for 1,200 queued events,
+    # which the queue never holds, and every capture past 1,000 would be dropped.
+    monkeypatch.setattr(client_module, "_HAND_OVER_FOR", 30.0)
+    transport = _GatedTransport()
+    transport.release.set()
+    client = Client(
+        "phc_test", transport=transport, flush_at=600, max_queue_size=1000, flush_interval=300
+    )
+    try:
+        waiter, _ = _starve_then_capture(client, 608)
+        client._counters.cv.release()
+        waiter.join(10)
+        consumer = client._consumer
+        assert consumer is not None and consumer.wake_at == 992
+        for _ in range(1500):
+            client.capture("e")
+        assert client.flush(timeout=10) == 0
+        assert client.stats().dropped == 0
+        assert client.stats().delivered == 2108
+    finally:
         client.shutdown(timeout=5)
 
 
 def test_after_a_hand_over_that_ended_before_the_send_capture_yields_while_it_is_in_flight(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A slow collector: the 5 ms wait ends with the batch still in flight. The rest of
-    # the send needs the GIL when the answer comes, so capture() gives it 0.1 ms once a
-    # millisecond until it is done (without a backlog), and stops once it is.
+    # A slow collector: the wait ends with the batch still in flight. The rest of the
+    # send needs the GIL when the answer comes, so capture() gives it 0.1 ms once a
+    # millisecond while it is in flight (without a backlog), until a capture finds
+    # nothing in flight.
+    monkeypatch.setattr(client_module, "_HAND_OVER_FOR", 0.05)
     yields: list[int] = []
     real = Client._yield_to_consumer
 
@@ -471,22 +527,23 @@ def test_after_a_hand_over_that_ended_before_the_send_capture_yields_while_it_is
         real(self, queued)
 
     monkeypatch.setattr(Client, "_yield_to_consumer", recording)
-    transport = _GatedTransport()
+    transport = _GatedTransport()  # holds its first send
     client = Client("phc_test", transport=transport, flush_at=10, flush_interval=300)
     try:
-        for _ in range(10):
-            client.capture("e")
-        assert transport.entered.wait(10)
-        for _ in range(18):  # a wake-up at 20, the hand-over at 28: it times out
-            client.capture("e")
+        waiter, _ = _starve_then_capture(client, 18)
+        client._counters.cv.release()
+        waiter.join(10)
+        assert not waiter.is_alive()
+        assert transport.entered.is_set()
         assert client._slow_send
         assert yields == []
         client.capture("e")  # in flight, no backlog: yields because the send is slow
-        assert yields == [19]
+        assert yields == [1]
         transport.release.set()
         assert client.flush(timeout=10) == 0
-        client.capture("e")  # nothing in flight: no yield
-        assert yields == [19]
+        client.capture("e")  # nothing in flight: no yield, and the slow send is over
+        assert yields == [1]
+        assert not client._slow_send
     finally:
         transport.release.set()
         client.shutdown(timeout=5)
