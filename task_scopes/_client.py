@@ -451,9 +451,10 @@ class Client:
         thread (a transport or a log handler that captures). When it ends before the
         send does, the rest of the send needs the GIL again once the collector answers:
         until a capture finds no batch in flight, ``_yield_to_consumer`` gives it 0.1 ms
-        once a millisecond while one is. Measured with a collector answering after
-        50 ms, a loop of eager tasks ran as fast as with the consumer starving, with a
-        tenth of the system time.
+        once a millisecond while one is. Measured on a loop of eager tasks: against
+        the strict local collector (~10 ms per batch of 500), 153 µs per task against
+        169 before; against one that answers after 50 ms, where the consumer is mostly
+        busy with a send and not waited for, 165 against 174.
         """
         if threading.current_thread() is consumer:
             return
