@@ -34,10 +34,10 @@ _P_RESERVE = 24  # bytes kept free under the cap for '"p":' + the milliseconds +
 _MAX_ENTRIES = 256  # per memo; a full memo is emptied (each request's context is new)
 
 _encoded: dict[Any, tuple[str, tuple[str, ...]]] = {}
-# header rest (without the publish time) -> (the Limits it was decoded under, the context):
-# keyed by the string alone (hashing a Limits dataclass costs more than the look-up),
-# checked by identity. An eager run looks up the publish memo's own string, whose hash
-# Python keeps, so its look-up hashes nothing.
+# header rest (without the publish time, see decode_rest) -> (the Limits it was decoded
+# under, the context): keyed by the string alone (hashing a Limits dataclass costs more
+# than the look-up), checked by identity. An eager run looks up the publish memo's own
+# string, whose hash Python keeps, so its look-up hashes nothing.
 _decoded: dict[str, tuple[Limits, WireContext]] = {}
 
 
@@ -140,7 +140,7 @@ def decode_header(header: Any, signature: Any, secret: str | None, limits: Limit
         return decode(header, signature, secret, limits)
     if secret is not None:
         check_signature(header, signature, secret)  # over the exact string received
-    decoded = decode_rest("{" + header[comma + 1 :], limits)
+    decoded = decode_rest(header[comma:], limits)
     # A copy with this message's publish time, made without the frozen dataclass's
     # __init__ (one object.__setattr__ per field): the same fields, one dict update.
     context = object.__new__(WireContext)
@@ -149,16 +149,18 @@ def decode_header(header: Any, signature: Any, secret: str | None, limits: Limit
 
 
 def decode_rest(rest: str, limits: Limits) -> WireContext:
-    """The context encoded as ``rest`` (a :attr:`ContextHeader.rest`: the header without
-    its publish time), decoded through the memo; ``published_ms`` is None. The object is
-    shared by every caller: read it, never change it (it is frozen).
+    """The context encoded as ``rest``, decoded through the memo; ``published_ms`` is
+    None. ``rest`` is the encoding without the publish time: a :attr:`ContextHeader.rest`
+    (``{...``), or a received header from the comma after its publish time (``,...``),
+    which saves the worker a copy per task; its first character is not read. The object
+    is shared by every caller: read it, never change it (it is frozen).
 
     Raises :class:`~task_scopes.celery._header.WireError` as
     :func:`~task_scopes.celery._header.decode` does.
     """
     entry = _decoded.get(rest)
     if entry is None or entry[0] is not limits:
-        entry = (limits, decode(rest, None, None, limits))
+        entry = (limits, decode("{" + rest[1:], None, None, limits))
         if len(_decoded) >= _MAX_ENTRIES:
             _decoded.clear()
         _decoded[rest] = entry

@@ -145,7 +145,7 @@ def _inject(installed: Installed, headers: dict[str, Any], *, posthog: bool) -> 
     if not options.propagate:
         return
     rest, dropped, empty = context_header(installed.limits, installed.headers)
-    if empty and any(name in headers for name in _CONTEXT_HEADERS):
+    if empty and _carries_context(headers):
         return
     header = with_publish_time(rest, time.time_ns() // 1_000_000)
     # Top level only, never headers["headers"]: see task_scopes.celery._header (celery#4875).
@@ -156,6 +156,12 @@ def _inject(installed: Installed, headers: dict[str, Any], *, posthog: bool) -> 
         _write_posthog_headers(headers, header)
     if dropped:
         _warn_dropped(list(dropped), installed.limits)
+
+
+def _carries_context(headers: Mapping[str, Any]) -> bool:
+    """Whether ``headers`` already carry a context (ours or PostHog's): one the caller's
+    empty context leaves in place."""
+    return any(name in headers for name in _CONTEXT_HEADERS)
 
 
 def _write_posthog_headers(headers: dict[str, Any], header: str) -> None:
@@ -220,7 +226,7 @@ def _eager_context(installed: Installed, request: Any) -> tuple[WireContext | No
     found = context_header(installed.limits, installed.headers)
     if found.empty:
         headers = carried_headers(request)
-        if any(name in headers for name in _CONTEXT_HEADERS):
+        if _carries_context(headers):
             context = _restore(installed, headers, request.id)
             return context, _latency_ms(context, time.time())
     elif found.dropped:
@@ -236,14 +242,12 @@ def _task_scope(task: Any, request: Any, context: WireContext | None, latency: i
     """The isolation scope of a task run: the received ``context`` (None: nothing
     received), the run's ``celery_*`` tags over its tags, then ``celery_queue_latency_ms``
     when ``latency`` (ms) is known. Built in place: one dict for the tags, no copies."""
-    if context is None:
-        tags = task_tags(task, request, {})
-        if latency is not None:
-            tags[_LATENCY] = latency
-        return Scope._owning(None, None, None, tags, {})
-    tags = task_tags(task, request, dict(context.tags) if context.tags else {})
+    received = dict(context.tags) if context is not None and context.tags else {}
+    tags = task_tags(task, request, received)
     if latency is not None:
         tags[_LATENCY] = latency
+    if context is None:
+        return Scope._owning(None, None, None, tags, {})
     return Scope._owning(
         context.distinct_id,
         context.session_id,
